@@ -1,0 +1,243 @@
+"""PEFT adapter directories: adapter_config.json with adapter_model.safetensors (or legacy .bin)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapter import Adapter, Factors, ModuleSpec
+from ..errors import LoraLegoError
+from .tensors import TensorSource, check_finite
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+# suffix -> (role, kind)
+_SUFFIXES = {
+    ".lora_A.weight": ("A", "linear"),
+    ".lora_B.weight": ("B", "linear"),
+    ".lora_embedding_A": ("A", "embedding"),
+    ".lora_embedding_B": ("B", "embedding"),
+}
+# markers of adapters we refuse, with what to call them
+_REFUSED = [
+    ("lora_magnitude_vector", "DoRA (lora_magnitude_vector)"),
+    (".lora_B.bias", "a LoRA bias (lora_B.bias)"),
+    (".lora_A.bias", "a LoRA bias (lora_A.bias)"),
+    ("hada_w1", "LoHa (hada_w1_a)"),
+    ("lokr_w1", "LoKr (lokr_w1)"),
+    ("lora_E", "AdaLoRA (lora_E)"),
+]
+
+
+def get_pattern_key(pattern_keys, name: str) -> str | None:
+    """PEFT's rule for rank_pattern/alpha_pattern: the first key that matches the end of the module
+    name on a dot boundary, the key read as a regular expression."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def is_peft_dir(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG_NAME).is_file()
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    cfg_path = path / CONFIG_NAME
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LoraLegoError(f"no {CONFIG_NAME} in this folder: not a PEFT adapter", path=path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoraLegoError(f"invalid JSON ({e})", path=cfg_path) from None
+    if not isinstance(config, dict):
+        raise LoraLegoError("expected a JSON object", path=cfg_path)
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise LoraLegoError(f"peft_type is {peft_type}; lora-lego merges LoRA adapters only", path=cfg_path)
+    if config.get("use_dora"):
+        raise LoraLegoError("use_dora is true: DoRA adapters are not supported (their magnitude vector "
+                            "does not merge by clustering rank units)", path=cfg_path)
+    for key in ("r", "lora_alpha"):
+        value = config.get(key, 8)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise LoraLegoError(f"{key} must be a positive number, got {value!r}", path=cfg_path)
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = config.get(key) or {}
+        if not isinstance(value, dict):
+            raise LoraLegoError(f"{key} must be an object, got {type(value).__name__}", path=cfg_path)
+        for k, v in value.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise LoraLegoError(f"{key}[{k!r}] must be a positive number, got {v!r}", path=cfg_path)
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise LoraLegoError(f"{key} key {k!r} is not a valid pattern ({e})", path=cfg_path) from None
+    return config
+
+
+def module_rank_alpha(config: dict[str, Any], name: str) -> tuple[int, float]:
+    """The (r, lora_alpha) PEFT would give this module, honouring rank_pattern and alpha_pattern."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r_key = get_pattern_key(rank_pattern.keys(), name)
+    a_key = get_pattern_key(alpha_pattern.keys(), name)
+    r = rank_pattern[r_key] if r_key is not None else config.get("r", 8)
+    alpha = alpha_pattern[a_key] if a_key is not None else config.get("lora_alpha", 8)
+    return int(r), float(alpha)
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def load_peft(path: Path) -> Adapter:
+    path = Path(path)
+    config = read_config(path)
+    if (path / SAFETENSORS_NAME).is_file():
+        weights = path / SAFETENSORS_NAME
+    elif (path / BIN_NAME).is_file():
+        weights = path / BIN_NAME
+    else:
+        raise LoraLegoError(f"has {CONFIG_NAME} but neither {SAFETENSORS_NAME} nor {BIN_NAME}", path=path)
+    source = TensorSource.open(weights)
+
+    keys: dict[str, dict[str, str]] = {}
+    kinds: dict[str, str] = {}
+    others: list[str] = []
+    for key in source.keys():
+        for marker, what in _REFUSED:
+            if marker in key:
+                raise LoraLegoError(f"holds {what}; lora-lego merges plain LoRA factors only", path=weights,
+                                    module=_strip_prefix(key.split(".lora_")[0].split(".hada_")[0].split(".lokr_")[0]))
+        for suffix, (role, kind) in _SUFFIXES.items():
+            if key.endswith(suffix):
+                name = _strip_prefix(key[: -len(suffix)])
+                keys.setdefault(name, {})[role] = key
+                kinds[name] = kind
+                break
+        else:
+            others.append(key)
+    if others:
+        raise LoraLegoError(
+            f"holds {len(others)} tensor(s) that are not LoRA factors (e.g. {others[0]}; modules_to_save or "
+            "trainable tokens?): lora-lego merges LoRA factors only", path=weights)
+    if not keys:
+        raise LoraLegoError("holds no LoRA factors (no lora_A/lora_B keys)", path=weights)
+
+    use_rslora = bool(config.get("use_rslora", False))
+    modules: dict[str, ModuleSpec] = {}
+    for name, roles in keys.items():
+        if set(roles) != {"A", "B"}:
+            missing = ({"A", "B"} - set(roles)).pop()
+            raise LoraLegoError(f"has lora_{'B' if missing == 'B' else 'A'} missing", path=weights, module=name)
+        a_shape, b_shape = source.shape(roles["A"]), source.shape(roles["B"])
+        kind = kinds[name]
+        if len(a_shape) == 4:
+            kind = "conv"
+            if len(b_shape) != 4 or tuple(b_shape[2:]) != (1, 1):
+                raise LoraLegoError(f"conv lora_B must be (out, r, 1, 1), got {tuple(b_shape)}", path=weights, module=name)
+        elif len(a_shape) != 2 or len(b_shape) != 2:
+            raise LoraLegoError(f"unsupported factor shapes A {tuple(a_shape)}, B {tuple(b_shape)}", path=weights, module=name)
+        rank = a_shape[0]
+        if b_shape[1] != rank:
+            raise LoraLegoError(f"lora_A has rank {rank} but lora_B has {b_shape[1]}", path=weights, module=name)
+        r_cfg, alpha = module_rank_alpha(config, name)
+        if r_cfg != rank:
+            raise LoraLegoError(f"tensors have rank {rank} but {CONFIG_NAME} gives r={r_cfg} for it "
+                                "(check r and rank_pattern)", path=weights, module=name)
+        dtypes = {source.dtype(roles["A"]), source.dtype(roles["B"])}
+        if not all(d.is_floating_point for d in dtypes):
+            raise LoraLegoError(f"factors must be floating point, got {sorted(map(str, dtypes))}", path=weights, module=name)
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        modules[name] = ModuleSpec(name, rank, alpha, lora_scale(alpha, rank, use_rslora),
+                                   tuple(a_shape), tuple(b_shape), dtype, kind)
+
+    def loader(name: str) -> Factors:
+        spec = modules[name]
+        roles = keys[name]
+        A = source.get(roles["A"]).to(torch.float32).reshape(spec.rank, -1)
+        B = source.get(roles["B"]).to(torch.float32).reshape(-1, spec.rank)
+        check_finite(A, weights, name, "lora_A")
+        check_finite(B, weights, name, "lora_B")
+        return Factors(A, B * spec.scale, spec.scale)
+
+    return Adapter(
+        modules=modules,
+        loader=loader,
+        format="peft",
+        path=path,
+        base_model=config.get("base_model_name_or_path"),
+        config=config,
+    )
+
+
+def _strip_prefix(name: str) -> str:
+    return name[len(PREFIX):] if name.startswith(PREFIX) else name
+
+
+def peft_output_config(adapter: Adapter, template: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The adapter_config.json for writing ``adapter`` with the scale folded into B: alpha = r for every
+    module (scale 1, so runtimes with a single scale, like vLLM, read the same ΔW), rank_pattern and
+    alpha_pattern only for modules whose rank differs from the most common one."""
+    config = dict(template if template is not None else adapter.config)
+    ranks = [spec.rank for spec in adapter.modules.values()]
+    common = max(set(ranks), key=lambda r: (ranks.count(r), r)) if ranks else 1
+    pattern = {name: spec.rank for name, spec in adapter.modules.items() if spec.rank != common}
+    config.update(
+        peft_type="LORA",
+        r=common,
+        lora_alpha=common,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        use_rslora=False,
+        use_dora=False,
+    )
+    config.setdefault("bias", "none")
+    config.setdefault("fan_in_fan_out", False)
+    config.setdefault("lora_dropout", 0.0)
+    config.setdefault("modules_to_save", None)
+    config.setdefault("init_lora_weights", True)
+    config.setdefault("inference_mode", True)
+    if adapter.base_model is not None:
+        config["base_model_name_or_path"] = adapter.base_model
+    target = config.get("target_modules")
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in adapter.modules})
+    if isinstance(target, list):
+        config["target_modules"] = sorted(set(target) | set(leaves))
+    elif not isinstance(target, str):
+        config["target_modules"] = leaves
+    return config
+
+
+def save_peft(adapter: Adapter, path: Path, *, metadata: dict[str, str] | None = None,
+              template: dict[str, Any] | None = None, warn=None) -> torch.dtype:
+    """Write ``adapter`` as a PEFT directory into ``path`` (an existing empty folder). Returns the dtype
+    the tensors were stored in."""
+    from .tensors import store_dtype, write_safetensors
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, spec in adapter.modules.items():
+        f = adapter.factors(name)
+        A = f.A.reshape(spec.a_shape) if spec.kind == "conv" else f.A
+        B = f.B.reshape(spec.b_shape) if spec.kind == "conv" else f.B
+        if spec.kind == "embedding":
+            tensors[f"{PREFIX}{name}.lora_embedding_A"] = A
+            tensors[f"{PREFIX}{name}.lora_embedding_B"] = B
+        else:
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = A
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = B
+    dtype = store_dtype(tensors.values(), adapter.dtype, path, warn)
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
+    config = peft_output_config(adapter, template)
+    (Path(path) / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_safetensors(Path(path) / SAFETENSORS_NAME, tensors, {"format": "pt", **(metadata or {})})
+    return dtype

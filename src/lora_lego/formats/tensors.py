@@ -1,0 +1,176 @@
+"""Lazy access to the tensors of one weights file: read a tensor only when a module needs it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import LoraLegoError
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class TensorSource:
+    """Keys, shapes and dtypes of a .safetensors or .bin file without reading the data; ``get`` reads one
+    tensor. Safetensors files are reopened per read so no memory map outlives the module that needed it."""
+
+    def __init__(self, path: Path, header: dict[str, tuple[tuple[int, ...], torch.dtype]], state: dict | None):
+        self.path = path
+        self._header = header
+        self._state = state  # only for legacy .bin files, which torch maps lazily
+
+    @classmethod
+    def open(cls, path: Path) -> "TensorSource":
+        path = Path(path)
+        if path.suffix == ".bin":
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+                except Exception as e:
+                    raise LoraLegoError(f"cannot read PyTorch weights ({_short(e)})", path=path) from None
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise LoraLegoError("is not a flat mapping of names to tensors", path=path)
+            header = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+            return cls(path, header, state)
+        return cls(path, read_safetensors_header(path), None)
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._header[key][0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._header[key][1]
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._state is not None:
+            return self._state[key]
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                return f.get_tensor(key)
+        except Exception as e:
+            raise LoraLegoError(f"cannot read tensor {key} ({_short(e)})", path=self.path) from None
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Parse and validate a safetensors header: every tensor's byte range must lie inside the file."""
+    import json
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise LoraLegoError("is not a safetensors file (shorter than its 8-byte header length)", path=path)
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100_000_000:
+                raise LoraLegoError(f"is truncated or corrupt (header length {n} exceeds the file size {size})", path=path)
+            raw = f.read(n)
+        header = json.loads(raw.decode("utf-8"))
+    except LoraLegoError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise LoraLegoError(f"is not a valid safetensors file ({_short(e)})", path=path) from None
+    if not isinstance(header, dict):
+        raise LoraLegoError("is not a valid safetensors file (header is not an object)", path=path)
+    data_size = size - 8 - n
+    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            start, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise LoraLegoError(f"is corrupt (bad header entry for {key})", path=path) from None
+        numel = 1
+        for s in shape:
+            if s < 0:
+                raise LoraLegoError(f"is corrupt (negative dimension in {key})", path=path)
+            numel *= s
+        if not 0 <= start <= end <= data_size or end - start != numel * _itemsize(dtype):
+            raise LoraLegoError(f"is truncated or corrupt (tensor {key} lies outside the file's data)", path=path)
+        out[key] = (shape, dtype)
+    return out
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def check_finite(t: torch.Tensor, path: object, module: str, what: str) -> None:
+    if not torch.isfinite(t).all():
+        bad = "NaN" if torch.isnan(t).any() else "Inf"
+        raise LoraLegoError(f"{what} contains {bad}", path=path, module=module)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _short(e: Exception) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+_FINITE_MAX = {torch.float16: 65504.0}
+
+
+def store_dtype(tensors, wanted: torch.dtype, path: object, warn=None) -> torch.dtype:
+    """``wanted``, unless a value would overflow it (fp16 holds at most 65504): then float32, said on
+    ``warn``."""
+    limit = _FINITE_MAX.get(wanted)
+    if limit is None:
+        return wanted
+    peak = max((float(t.detach().abs().max()) for t in tensors if t.numel()), default=0.0)
+    if peak <= limit:
+        return wanted
+    if warn is not None:
+        warn(f"{path}: a merged value ({peak:.3g}) exceeds the {str(wanted).replace('torch.', '')} range; "
+             "stored in float32 instead")
+    return torch.float32
+
+
+_DTYPE_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file with a deterministic header (sorted keys, metadata first), so that the
+    same tensors and metadata always give the same bytes; the safetensors library orders metadata by a
+    hash map and does not. Tensors are written one at a time."""
+    import json
+
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in names:
+            t = tensors[name].detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())

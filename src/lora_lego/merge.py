@@ -1,0 +1,188 @@
+"""The merge driver: loop over modules, gather each module's factors from the inputs that have it, run
+the method, collect the result. Memory stays bounded by one module's factors across the inputs."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import __version__
+from .adapter import Adapter, Factors, ModuleSpec, widest_dtype
+from .errors import LoraLegoError
+from .methods import MergeMethod, get_method
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LoraLegoError("--device cuda was asked for but no CUDA device is available (use cpu or auto)")
+    return dev
+
+
+def module_seed(seed: int, name: str) -> int:
+    """A per-module seed that depends on the module's name, not its position, so that adding or removing
+    other modules does not change this module's result."""
+    return (int(seed) * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def default_weights(method: MergeMethod, n: int) -> list[float]:
+    return [1.0 / n] * n if method.default_weight == "mean" else [1.0] * n
+
+
+def check_options(method: MergeMethod, options: dict[str, Any]) -> dict[str, Any]:
+    known = {o.name: o for o in method.options}
+    resolved = method.option_defaults()
+    for key, value in options.items():
+        if key not in known:
+            flag = "--" + key.replace("_", "-")
+            raise LoraLegoError(f"option {flag} does not apply to method {method.name}"
+                                + (f" (its options: {', '.join('--' + o.replace('_', '-') for o in known)})" if known else ""))
+        opt = known[key]
+        if opt.choices is not None and value not in opt.choices:
+            raise LoraLegoError(f"--{key.replace('_', '-')} must be one of {', '.join(map(str, opt.choices))}, got {value!r}")
+        resolved[key] = value
+    return resolved
+
+
+def _module_shape(adapter: Adapter, spec: ModuleSpec) -> tuple:
+    return (spec.kind, spec.d_out, spec.d_in, spec.a_shape[2:])
+
+
+def merge(
+    adapters: Sequence[Adapter],
+    method: str = "lego",
+    rank: int | None = None,
+    weights: Sequence[float] | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: ProgressFn | None = None,
+    **options: Any,
+) -> Adapter:
+    """Merge ``adapters`` module by module with ``method`` into one adapter held in memory.
+
+    ``rank``: output rank per module (default: the largest input rank of that module); refused by exact
+    methods. ``weights``: one number per adapter (default: the method's, 1 each or 1/N). ``seed`` fixes
+    every random choice: the same inputs and seed give bit-identical output on the same device.
+    Method options (e.g. ``param_reweight="halves"``) are passed as keywords."""
+    adapters = list(adapters)
+    if not adapters:
+        raise LoraLegoError("no input adapters")
+    m = get_method(method)
+    opts = check_options(m, options)
+    if rank is not None:
+        if not m.takes_rank:
+            raise LoraLegoError(f"--rank does not apply to {m.name}: it is exact at the summed rank; "
+                                "use a truncating method (lego, or linear and the other baselines) to choose a rank")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise LoraLegoError(f"--rank must be a whole number >= 1, got {rank!r}")
+    if weights is None:
+        weights = default_weights(m, len(adapters))
+    weights = [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise LoraLegoError(f"--weights has {len(weights)} value(s) for {len(adapters)} input adapter(s)")
+    if not all(torch.isfinite(torch.tensor(weights))):
+        raise LoraLegoError("--weights must be finite numbers")
+    dev = resolve_device(device)
+    _check_compatible_configs(adapters)
+
+    names: list[str] = []
+    seen = set()
+    for a in adapters:
+        for name in a.modules:
+            if name not in seen:
+                seen.add(name)
+                names.append(name)
+
+    out: dict[str, Factors] = {}
+    templates: dict[str, ModuleSpec] = {}
+    partial: dict[str, list[int]] = {}
+    dtypes = set()
+    for done, name in enumerate(names):
+        holders = [i for i, a in enumerate(adapters) if name in a.modules]
+        specs = [adapters[i].modules[name] for i in holders]
+        first = specs[0]
+        for i, spec in zip(holders, specs):
+            if _module_shape(adapters[i], spec) != _module_shape(adapters[holders[0]], first):
+                raise LoraLegoError(
+                    f"has ΔW of shape {spec.d_out}x{spec.d_in} ({spec.kind}) but {adapters[holders[0]].label} "
+                    f"has {first.d_out}x{first.d_in} ({first.kind}); were they trained on different base models?",
+                    path=adapters[i].label, module=name)
+        if m.equal_ranks and len({s.rank for s in specs}) > 1:
+            raise LoraLegoError(f"{m.name} needs equal ranks, but the inputs have ranks "
+                                f"{', '.join(str(s.rank) for s in specs)}; use lego, linear or concat instead", module=name)
+        if len(holders) < len(adapters):
+            partial[name] = holders
+        dtypes.update(s.dtype for s in specs)
+        factors = [adapters[i].factors(name).to(dev) for i in holders]
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(module_seed(seed, name))
+        result = m.fn(factors, [weights[i] for i in holders], rank, generator=gen, **opts)
+        if not (torch.isfinite(result.A).all() and torch.isfinite(result.B).all()):
+            raise LoraLegoError(f"{m.name} produced NaN or Inf", module=name)
+        out[name] = Factors(result.A.to("cpu", torch.float32), result.B.to("cpu", torch.float32))
+        templates[name] = first
+        if progress is not None:
+            progress(done + 1, len(names), name)
+
+    base_models = [a.base_model for a in adapters if a.base_model]
+    config = _output_config(adapters)
+    provenance = {
+        "tool": f"lora-lego {__version__}",
+        "method": m.name,
+        "rank": rank,
+        "weights": weights,
+        "seed": seed,
+        "options": opts,
+        "inputs": [a.label for a in adapters],
+    }
+    if partial:
+        provenance["modules_from_some_inputs"] = partial
+    return Adapter.from_factors(
+        out,
+        dtype=widest_dtype(dtypes) if dtypes else torch.float32,
+        kinds=templates,
+        format=adapters[0].format,
+        base_model=base_models[0] if base_models else None,
+        config=config,
+        metadata={"lora_lego": json.dumps(provenance, sort_keys=True)},
+    )
+
+
+def prune(adapter: Adapter, rank: int, seed: int = 0, device: str | torch.device = "cpu",
+          progress: ProgressFn | None = None, **options: Any) -> Adapter:
+    """Reduce one adapter to rank ``rank`` by clustering its own units (LoRA-LEGO with one input)."""
+    if rank is None:
+        raise LoraLegoError("prune needs --rank")
+    return merge([adapter], method="lego", rank=rank, weights=[1.0], seed=seed, device=device,
+                 progress=progress, **options)
+
+
+def _check_compatible_configs(adapters: Sequence[Adapter]) -> None:
+    fifo = {bool(a.config.get("fan_in_fan_out", False)) for a in adapters}
+    if len(fifo) > 1:
+        raise LoraLegoError("inputs disagree on fan_in_fan_out; they target different kinds of layers",
+                            path=adapters[0].label)
+
+
+def _output_config(adapters: Sequence[Adapter]) -> dict[str, Any]:
+    """A config template for the writer: the first input's, with target_modules joined over inputs and
+    per-layer restrictions kept only where every input has the same ones."""
+    config = dict(adapters[0].config)
+    targets = [a.config.get("target_modules") for a in adapters]
+    if all(isinstance(t, list) for t in targets):
+        config["target_modules"] = sorted({x for t in targets for x in t})
+    elif len({json.dumps(t, sort_keys=True) for t in targets}) > 1:
+        config.pop("target_modules", None)  # the writer derives it from the modules written
+    for key in ("layers_to_transform", "layers_pattern", "exclude_modules", "task_type"):
+        if len({json.dumps(a.config.get(key), sort_keys=True) for a in adapters}) > 1:
+            config.pop(key, None)
+    for key in ("rank_pattern", "alpha_pattern", "r", "lora_alpha", "use_rslora", "revision"):
+        config.pop(key, None)
+    return config

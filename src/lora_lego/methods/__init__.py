@@ -1,0 +1,60 @@
+"""Merge methods: one small module each, registered by name, sharing one signature.
+
+A method is ``fn(factors, weights, rank, *, generator, **options) -> Factors`` over one module:
+``factors`` are the inputs that have the module (float32, scale folded into B, on the merge device),
+``weights`` one number per input, ``rank`` the requested output rank (None for exact methods), and
+``generator`` a torch.Generator seeded for this module. It never sees files, formats or the CLI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..adapter import Factors
+
+
+@dataclass(frozen=True)
+class Option:
+    """A method's knob: its CLI flag is ``--`` + name with ``_`` as ``-``."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple | None = None
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    summary: str
+    fn: Callable[..., Factors]
+    options: tuple[Option, ...] = ()
+    takes_rank: bool = True  # False: exact at rank Σ r_i, --rank is refused
+    default_weight: str = "one"  # "one": 1 each; "mean": 1/N each
+    equal_ranks: bool = False  # inputs must share one rank per module
+    description: str = ""
+
+    def option_defaults(self) -> dict[str, Any]:
+        return {o.name: o.default for o in self.options}
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    from ..errors import LoraLegoError
+
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise LoraLegoError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
+
+
+from . import concat, lego  # noqa: E402,F401  (registration)

@@ -1,0 +1,166 @@
+"""Atomic output: write under a temporary name beside the target, rename into place when complete.
+
+A run killed at any moment leaves either no output or, with ``force``, the previous output whole. A
+leftover temporary is named ``.<target>.lora-lego-partial-<pid>`` and removed by the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import LoraLegoError
+
+PARTIAL_TAG = ".lora-lego-partial-"
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def check_output_path(target: Path, inputs: Iterable[Path], force: bool) -> None:
+    """Refuse an output that is an input, lies inside one, or contains one; and an existing non-empty
+    output unless ``force``."""
+    target_r = Path(os.path.abspath(target)).resolve()
+    for inp in inputs:
+        inp_r = Path(os.path.abspath(inp)).resolve()
+        if target_r == inp_r or _is_within(target_r, inp_r) or _is_within(inp_r, target_r):
+            raise LoraLegoError(f"output {target} is, contains or lies inside input {inp}; inputs are never written",
+                                path=target)
+    if target.exists() or target.is_symlink():
+        empty_dir = target.is_dir() and not target.is_symlink() and not any(target.iterdir())
+        if not empty_dir and not force:
+            raise LoraLegoError("output exists and is not empty; pass --force to replace it", path=target)
+    parent = target_r.parent
+    while not parent.exists():  # missing parents are created at write time; check the first that exists
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LoraLegoError(f"{parent} is not a folder", path=target)
+    if not os.access(parent, os.W_OK):
+        raise LoraLegoError(f"output folder {parent} is not writable", path=target)
+
+
+def remove_stale_partials(target: Path) -> None:
+    """Remove temporaries that an earlier, killed run left for this target."""
+    parent = Path(os.path.abspath(target)).parent
+    prefix = f".{target.name}{PARTIAL_TAG}"
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        if not entry.name.startswith(prefix):
+            continue
+        pid = entry.name[len(prefix):].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue  # another run is writing right now
+        _remove(entry)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _fsync_tree(path: Path) -> None:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for p in files:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    res = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    return res == 0
+
+
+@contextlib.contextmanager
+def atomic_output(target: Path, *, force: bool = False, directory: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write the whole output into; on normal exit move it to ``target``.
+
+    On an exception the temporary is removed and ``target`` is untouched."""
+    target = Path(target)
+    parent = Path(os.path.abspath(target)).parent
+    created = [p for p in [parent, *parent.parents] if not p.exists()]
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(target)
+    tmp = parent / f".{target.name}{PARTIAL_TAG}{os.getpid()}"
+    _remove(tmp)
+    if directory:
+        tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        _commit(tmp, target, force=force)
+    except BaseException as e:
+        _remove(tmp)
+        for p in created:  # parents this call made, innermost first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        if isinstance(e, OSError) and not isinstance(e, LoraLegoError):
+            raise LoraLegoError(f"cannot write output ({e.strerror or e})", path=target) from None
+        raise
+
+
+def _commit(tmp: Path, target: Path, *, force: bool) -> None:
+    exists = target.exists() or target.is_symlink()
+    if not exists:
+        os.rename(tmp, target)
+    elif target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+        target.rmdir()
+        os.rename(tmp, target)
+    elif not force:
+        raise LoraLegoError("output appeared while merging and is not empty; pass --force to replace it", path=target)
+    elif tmp.is_dir() != (target.is_dir() and not target.is_symlink()):
+        raise LoraLegoError("output exists and is a " + ("file" if tmp.is_dir() else "folder")
+                            + "; remove it first", path=target)
+    elif tmp.is_dir():
+        # swap in one step, so the old output is replaced whole; tmp then holds the old one
+        if _exchange(tmp, target):
+            _remove(tmp)
+        else:
+            old = target.parent / f".{target.name}{PARTIAL_TAG}{os.getpid()}.old"
+            os.rename(target, old)
+            os.rename(tmp, target)
+            _remove(old)
+    else:
+        os.replace(tmp, target)
+    with contextlib.suppress(OSError):
+        fd = os.open(Path(os.path.abspath(target)).parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,99 @@
+import json
+
+import pytest
+import torch
+from helpers import SHAPES, permute_units, random_adapter, random_modules, write_peft
+
+from lora_lego import load_adapter, merge, prune, save_adapter
+from lora_lego.errors import LoraLegoError
+
+
+def test_self_merge_invariant_end_to_end(tmp_path):
+    mods = random_modules(6, 0)
+    paths = [write_peft(tmp_path / f"c{i}", permute_units(mods, i) if i else mods, r=6, alpha=12) for i in range(3)]
+    merged = merge([load_adapter(p) for p in paths])
+    original = load_adapter(paths[0])
+    for name in mods:
+        assert merged.modules[name].rank == 6
+        assert torch.allclose(merged.factors(name).delta(), original.factors(name).delta(), atol=1e-5)
+
+
+def test_same_seed_gives_bit_identical_files(tmp_path):
+    paths = [random_adapter(tmp_path / f"a{i}", rank=8, seed=i) for i in range(3)]
+    outs = []
+    for j in range(2):
+        merged = merge([load_adapter(p) for p in paths], rank=5, seed=11)
+        save_adapter(merged, tmp_path / f"o{j}")
+        outs.append((tmp_path / f"o{j}" / "adapter_model.safetensors").read_bytes())
+    assert outs[0] == outs[1]
+    other = merge([load_adapter(p) for p in paths], rank=5, seed=12)
+    again = merge([load_adapter(p) for p in paths], rank=5, seed=11)
+    name = next(iter(SHAPES))
+    assert torch.equal(again.factors(name).A, merge([load_adapter(p) for p in paths], rank=5, seed=11).factors(name).A)
+    assert not torch.equal(other.factors(name).A, again.factors(name).A)
+
+
+def test_modules_that_only_some_inputs_have(tmp_path):
+    full = random_modules(4, 0)
+    part = {k: v for k, v in random_modules(4, 1).items() if "q_proj" in k}
+    a = write_peft(tmp_path / "a", full, r=4, alpha=4)
+    b = write_peft(tmp_path / "b", part, r=4, alpha=4)
+    merged = merge([load_adapter(a), load_adapter(b)], method="concat")
+    q = "model.layers.0.self_attn.q_proj"
+    v = "model.layers.0.self_attn.v_proj"
+    assert merged.modules[q].rank == 8 and merged.modules[v].rank == 4
+    assert torch.allclose(merged.factors(v).delta(), full[v][1] @ full[v][0], atol=1e-6)
+    prov = json.loads(merged.metadata["lora_lego"])
+    assert prov["modules_from_some_inputs"][v] == [0]
+    save_adapter(merged, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["rank_pattern"] == {q: 8} == cfg["alpha_pattern"]
+
+
+def test_default_rank_is_largest_input_rank_per_module(tmp_path):
+    a = write_peft(tmp_path / "a", random_modules(4, 0), r=4, alpha=4)
+    b = write_peft(tmp_path / "b", random_modules(2, 1), r=2, alpha=4)
+    merged = merge([load_adapter(a), load_adapter(b)])
+    assert {s.rank for s in merged.modules.values()} == {4}
+
+
+def test_different_base_models_are_refused(tmp_path):
+    a = write_peft(tmp_path / "a", random_modules(4, 0), r=4, alpha=4)
+    shapes = dict(SHAPES)
+    shapes["model.layers.0.self_attn.q_proj"] = (24, 32)
+    b = write_peft(tmp_path / "b", random_modules(4, 1, shapes=shapes), r=4, alpha=4)
+    with pytest.raises(LoraLegoError, match=r"module model.layers.0.self_attn.q_proj: has ΔW of shape 24x32"):
+        merge([load_adapter(a), load_adapter(b)])
+
+
+def test_option_and_argument_validation(tmp_path):
+    ad = load_adapter(random_adapter(tmp_path / "a"))
+    with pytest.raises(LoraLegoError, match="--rank does not apply to concat"):
+        merge([ad, ad], method="concat", rank=2)
+    with pytest.raises(LoraLegoError, match="--weights has 1 value"):
+        merge([ad, ad], weights=[1.0])
+    with pytest.raises(LoraLegoError, match="unknown method"):
+        merge([ad], method="nope")
+    with pytest.raises(LoraLegoError, match="--rank must be"):
+        merge([ad], rank=0)
+    with pytest.raises(LoraLegoError, match="does not apply to method concat"):
+        merge([ad], method="concat", param_reweight="joint")
+    with pytest.raises(LoraLegoError, match="--param-reweight must be one of"):
+        merge([ad], param_reweight="sideways")
+
+
+def test_prune_to_same_rank_is_exact_and_to_lower_rank_shrinks(tmp_path):
+    ad = load_adapter(random_adapter(tmp_path / "a", rank=8))
+    same = prune(ad, rank=8)
+    low = prune(ad, rank=3)
+    for name in SHAPES:
+        assert torch.allclose(same.factors(name).delta(), ad.factors(name).delta(), atol=1e-5)
+        assert low.modules[name].rank == 3
+
+
+def test_nan_input_is_refused_naming_file_and_module(tmp_path):
+    mods = random_modules(2, 0)
+    mods["model.layers.0.self_attn.v_proj"][1][0, 0] = float("nan")
+    p = write_peft(tmp_path / "n", mods, r=2, alpha=2)
+    with pytest.raises(LoraLegoError, match=r"adapter_model.safetensors: module model.layers.0.self_attn.v_proj: lora_B contains NaN"):
+        merge([load_adapter(p)])
