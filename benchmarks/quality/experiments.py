@@ -1,0 +1,249 @@
+"""The experiments E0..E7 over one track and one training seed. Each returns records (dicts) that the
+report turns into tables; every knob that is tuned is tuned on the validation split, never on test."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+
+import torch
+
+from lora_lego import METHODS, Adapter, Factors, load_adapter
+
+from .common import Candidate, deltas_of, ensemble_scores, mean, run_merge, score, tuning_grid
+
+# The lego configuration the paper describes (and this project shipped first), kept as a named row.
+PAPER_LEGO = dict(param_reweight="joint", output_reweight="sqrt", canonicalize="none", unit_split="b")
+
+
+class Context:
+    """One track, one seed: the task adapters, their dense updates, and the reference scores."""
+
+    def __init__(self, track, seed: int, rank: int, steps: int, log=print):
+        self.track, self.seed, self.rank, self.log = track, seed, rank, log
+        self.tasks = list(track.tasks)
+        self.paths = {t: track.train(t, seed, rank=rank, steps=steps, log=log) for t in self.tasks}
+        self.adapters = {t: load_adapter(p) for t, p in self.paths.items()}
+        self.deltas = {t: deltas_of(a) for t, a in self.adapters.items()}
+        self.zero = {s: score(track, None, self.tasks, s) for s in ("val", "test")}
+        self.individual = {s: {t: score(track, self.deltas[t], [t], s)[t] for t in self.tasks} for s in ("val", "test")}
+
+    def base_record(self, exp: str, **kw) -> dict:
+        return dict(exp=exp, track=self.track.name, seed=self.seed, **kw)
+
+
+def reference_records(ctx: Context) -> list[dict]:
+    return [ctx.base_record("ref", method=m, split=s, scores=d[s])
+            for m, d in (("zero-shot", ctx.zero), ("individual", ctx.individual)) for s in ("val", "test")]
+
+
+# -- E0 ---------------------------------------------------------------------------------------------
+def permuted_copy(adapter: Adapter, seed: int) -> Adapter:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for n in adapter.modules:
+        f = adapter.factors(n)
+        p = torch.randperm(f.rank, generator=g)
+        out[n] = Factors(f.A[p].clone(), f.B[:, p].clone())
+    return Adapter.from_factors(out, config=dict(adapter.config))
+
+
+def factor_average(adapters: list[Adapter]) -> dict[str, torch.Tensor]:
+    """Naive averaging of the factors themselves (mean A times mean B): what collapses under permutation."""
+    out = {}
+    for n in adapters[0].modules:
+        fs = [a.factors(n) for a in adapters]
+        out[n] = (sum(f.B for f in fs) / len(fs)) @ (sum(f.A for f in fs) / len(fs))
+    return out
+
+
+def e0_permutation(ctx: Context, lego_default: dict) -> list[dict]:
+    recs = []
+    for t in ctx.tasks:
+        a = ctx.adapters[t]
+        pair = [a, permuted_copy(a, 1000 + ctx.seed)]
+        rows = {"individual": ctx.individual["test"][t],
+                "factor average (A and B averaged)": score(ctx.track, factor_average(pair), [t], "test")[t],
+                "ensemble (outputs)": ensemble_scores(ctx.track, [ctx.deltas[t], deltas_of(pair[1])], [t], "test")[t],
+                "lego (paper config)": score(ctx.track, run_merge(pair, "lego", ctx.rank, None, ctx.seed, **PAPER_LEGO).deltas, [t], "test")[t],
+                "lego (default)": score(ctx.track, run_merge(pair, "lego", ctx.rank, None, ctx.seed, **lego_default).deltas, [t], "test")[t]}
+        if "average" in METHODS:
+            rows["average (method)"] = score(ctx.track, run_merge(pair, "average", ctx.rank, None, ctx.seed).deltas, [t], "test")[t]
+        for m, acc in rows.items():
+            recs.append(ctx.base_record("E0", method=m, task=t, split="test", scores={t: acc}))
+    return recs
+
+
+# -- E6 ---------------------------------------------------------------------------------------------
+def e6_grid() -> list[dict]:
+    paper = [dict(param_reweight=p, output_reweight=o, canonicalize=c)
+             for p, o, c in itertools.product(("joint", "halves", "none"), ("sqrt", "linear", "none"), ("none", "sign", "balance"))]
+    new = [dict(param_reweight=p, output_reweight=o, canonicalize=c)
+           for p, o, c in itertools.product(("joint", "sum"), ("norm_mean", "norm_rms", "norm_sum"), ("none", "sign", "balance", "direction"))]
+    direction = [dict(param_reweight=p, output_reweight=o, canonicalize="direction")
+                 for p, o in itertools.product(("joint", "sum", "halves"), ("sqrt", "none"))]
+    return paper + new + direction
+
+
+def subsets(tasks: list[str], seed: int) -> list[list[str]]:
+    """All tasks, plus two random 4-task and two random 2-task subsets: a default must hold for any N."""
+    rng = random.Random(f"subsets:{seed}")
+    return [list(tasks)] + [sorted(rng.sample(tasks, 4)) for _ in range(2)] + [sorted(rng.sample(tasks, 2)) for _ in range(2)]
+
+
+def config_label(c: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in c.items())
+
+
+def e6_ablation(ctx: Context, top: int = 6) -> tuple[list[dict], dict]:
+    """Stage 1: every configuration on all tasks (validation). Stage 2: the best ``top`` and the paper's
+    config on task subsets of 2 and 4 (validation). Stage 3: k-means restarts and seeds for the winner.
+    Returns the records and the winning configuration (best mean over stage 2's sets)."""
+    recs = []
+    stage1 = []
+    for c in e6_grid():
+        m = run_merge(list(ctx.adapters.values()), "lego", ctx.rank, None, ctx.seed, **c)
+        s = score(ctx.track, m.deltas, ctx.tasks, "val")
+        stage1.append((mean(s), c))
+        recs.append(ctx.base_record("E6", stage=1, config=c, label=config_label(c), split="val", scores=s, merge_s=m.seconds))
+        ctx.log(f"  E6 {config_label(c)}: {mean(s):.4f}")
+    stage1.sort(key=lambda x: -x[0])
+    finalists = [c for _, c in stage1[:top]]
+    if dict(PAPER_LEGO, unit_split="b") not in [dict(c, unit_split="b") for c in finalists]:
+        finalists.append({k: v for k, v in PAPER_LEGO.items() if k != "unit_split"})
+    sets = subsets(ctx.tasks, ctx.seed)
+    best = None
+    for c in finalists:
+        per_set = []
+        for ts in sets:
+            m = run_merge([ctx.adapters[t] for t in ts], "lego", ctx.rank, None, ctx.seed, **c)
+            s = score(ctx.track, m.deltas, ts, "val")
+            per_set.append(mean(s))
+            recs.append(ctx.base_record("E6", stage=2, config=c, label=config_label(c), tasks=ts, split="val", scores=s))
+        avg = sum(per_set) / len(per_set)
+        ctx.log(f"  E6 subsets {config_label(c)}: {avg:.4f} {['%.3f' % x for x in per_set]}")
+        if best is None or avg > best[0]:
+            best = (avg, c)
+    winner = best[1]
+    for n_init, kseed in itertools.product((1, 3, 10), (0, 1, 2)):
+        m = run_merge(list(ctx.adapters.values()), "lego", ctx.rank, None, 100 * ctx.seed + kseed, n_init=n_init, **winner)
+        s = score(ctx.track, m.deltas, ctx.tasks, "val")
+        recs.append(ctx.base_record("E6", stage=3, config=dict(winner, n_init=n_init), kmeans_seed=kseed, split="val",
+                                    scores=s, merge_s=m.seconds))
+    return recs, winner
+
+
+# -- E1 / E7 ----------------------------------------------------------------------------------------
+def tune(ctx: Context, method: str, adapters: list[Adapter], tasks: list[str], rank: int | None, fixed: dict) -> tuple[Candidate, list[dict]]:
+    recs, best = [], None
+    for cand in tuning_grid(method, len(adapters)):
+        m = run_merge(adapters, method, rank, cand.weights, ctx.seed, **fixed, **cand.opts)
+        s = score(ctx.track, m.deltas, tasks, "val")
+        recs.append(ctx.base_record("tune", method=method, label=cand.label, fixed=fixed, split="val", scores=s))
+        if best is None or mean(s) > best[0]:
+            best = (mean(s), cand)
+    return best[1], recs
+
+
+def e1_methods(lego_default: dict) -> list[tuple[str, str, dict]]:
+    """(row label, registered method, fixed options) for E1."""
+    rows = [("lego (default)", "lego", lego_default), ("lego (paper config)", "lego", dict(PAPER_LEGO))]
+    for name in METHODS:
+        if name not in ("lego", "concat"):
+            rows.append((name, name, {}))
+    return rows
+
+
+def e1_multitask(ctx: Context, lego_default: dict, multiples=(1, 2, 4)) -> list[dict]:
+    recs = []
+    adapters = [ctx.adapters[t] for t in ctx.tasks]
+    s = ensemble_scores(ctx.track, [ctx.deltas[t] for t in ctx.tasks], ctx.tasks, "test")
+    recs.append(ctx.base_record("E1", method="ensemble (outputs)", k="N models", tuned="none", split="test", scores=s))
+    m = run_merge(adapters, "concat", None, None, ctx.seed)
+    recs.append(ctx.base_record("E1", method="concat (exact sum, λ=1)", k=f"{m.rank} (exact)", tuned="none", split="test",
+                                scores=score(ctx.track, m.deltas, ctx.tasks, "test"), merge_s=m.seconds))
+    for label, method, fixed in [("concat", "concat", {})] + e1_methods(lego_default):
+        takes_rank = METHODS[method].takes_rank
+        chosen, trecs = tune(ctx, method, adapters, ctx.tasks, ctx.rank if takes_rank else None, fixed)
+        recs += [dict(r, row=label) for r in trecs]
+        ctx.log(f"  E1 {label}: chose {chosen.label}")
+        for mult in (multiples if takes_rank else (None,)):
+            k = ctx.rank * mult if mult else None
+            for tuned, cand in (("default", Candidate("default", None)), ("val", chosen)):
+                if tuned == "val" and cand.label == "default" and recs and recs[-1].get("tuned") == "default" and recs[-1].get("k") == k:
+                    s = recs[-1]["scores"]
+                    ms = recs[-1].get("merge_s")
+                else:
+                    m = run_merge(adapters, method, k, cand.weights, ctx.seed, **fixed, **cand.opts)
+                    s = score(ctx.track, m.deltas, ctx.tasks, "test")
+                    ms = m.seconds
+                recs.append(ctx.base_record("E1", method=label, k=k if k else "exact", tuned=tuned, chosen=cand.label,
+                                            split="test", scores=s, merge_s=ms))
+    return recs
+
+
+def e7_rank_sweep(ctx: Context, lego_default: dict, linear_choice: dict | None = None) -> list[dict]:
+    recs = []
+    adapters = [ctx.adapters[t] for t in ctx.tasks]
+    n = len(adapters)
+    ks = [ctx.rank // 2, ctx.rank, 2 * ctx.rank, 4 * ctx.rank, n * ctx.rank]
+    rows = [("lego (default)", "lego", None, lego_default)]
+    if "linear" in METHODS:
+        rows.append(("linear (λ tuned in E1)" if linear_choice else "linear", "linear",
+                     (linear_choice or {}).get("weights"), (linear_choice or {}).get("opts", {})))
+    for label, method, weights, opts in rows:
+        for k in ks:
+            m = run_merge(adapters, method, k, weights, ctx.seed, **opts)
+            s = score(ctx.track, m.deltas, ctx.tasks, "test")
+            recs.append(ctx.base_record("E7", method=label, k=k, split="test", scores=s, merge_s=m.seconds))
+    return recs
+
+
+# -- E3 ---------------------------------------------------------------------------------------------
+def e3_out_of_domain(ctx: Context, lego_default: dict) -> list[dict]:
+    recs = []
+    rows = [("lego (default)", "lego", None, lego_default), ("lego (paper config)", "lego", None, dict(PAPER_LEGO))]
+    for name in ("linear", "ties", "task_arithmetic"):
+        if name in METHODS:
+            rows.append((name, name, None, {}))
+    for held in ctx.tasks:
+        others = [ctx.adapters[t] for t in ctx.tasks if t != held]
+        recs.append(ctx.base_record("E3", method="zero-shot", task=held, split="test", scores={held: ctx.zero["test"][held]}))
+        for label, method, w, opts in rows:
+            m = run_merge(others, method, ctx.rank if METHODS[method].takes_rank else None, w, ctx.seed, **opts)
+            recs.append(ctx.base_record("E3", method=label, task=held, split="test",
+                                        scores=score(ctx.track, m.deltas, [held], "test")))
+    return recs
+
+
+# -- E5 ---------------------------------------------------------------------------------------------
+def svd_truncate(delta: torch.Tensor, k: int) -> torch.Tensor:
+    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    return ((U[:, :k] * S[:k]) @ Vh[:k]).float()
+
+
+def drop_units(f: Factors, k: int) -> torch.Tensor:
+    """Keep the k units with the largest rank-1 norm |b_i| |a_i|, drop the rest."""
+    keep = (f.B.norm(dim=0) * f.A.norm(dim=1)).argsort(descending=True)[:k]
+    return f.B[:, keep] @ f.A[keep]
+
+
+def e5_pruning(ctx: Context, lego_default: dict) -> list[dict]:
+    from lora_lego import prune
+
+    recs = []
+    for t in ctx.tasks:
+        a = ctx.adapters[t]
+        for k in (ctx.rank // 2, ctx.rank // 4):
+            rows = {
+                "lego clustering (default)": deltas_of(prune(a, k, seed=ctx.seed, **lego_default)),
+                "lego clustering (paper config)": deltas_of(prune(a, k, seed=ctx.seed, **PAPER_LEGO)),
+                "SVD truncation": {n: svd_truncate(d, k) for n, d in ctx.deltas[t].items()},
+                "drop smallest units": {n: drop_units(a.factors(n), k) for n in a.modules},
+            }
+            for m, d in rows.items():
+                acc = score(ctx.track, d, [t], "test")[t]
+                recs.append(ctx.base_record("E5", method=m, task=t, k=k, split="test", scores={t: acc},
+                                            retention=acc / ctx.individual["test"][t]))
+    return recs
