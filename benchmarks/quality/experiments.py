@@ -77,12 +77,13 @@ def e0_permutation(ctx: Context, lego_default: dict) -> list[dict]:
 
 # -- E6 ---------------------------------------------------------------------------------------------
 def e6_grid() -> list[dict]:
-    paper = [dict(param_reweight=p, output_reweight=o, canonicalize=c)
-             for p, o, c in itertools.product(("joint", "halves", "none"), ("sqrt", "linear", "none"), ("none", "sign", "balance"))]
+    """At k = r the paper's output reweightings sqrt(r/k), r/k and 1 are all 1, so its 3 x 3 x 3 grid has
+    9 distinct members (output_reweight=sqrt stands for all three). Then the variants beyond the paper."""
+    paper = [dict(param_reweight=p, output_reweight="sqrt", canonicalize=c)
+             for p, c in itertools.product(("joint", "halves", "none"), ("none", "sign", "balance"))]
     new = [dict(param_reweight=p, output_reweight=o, canonicalize=c)
-           for p, o, c in itertools.product(("joint", "sum"), ("norm_mean", "norm_rms", "norm_sum"), ("none", "sign", "balance", "direction"))]
-    direction = [dict(param_reweight=p, output_reweight=o, canonicalize="direction")
-                 for p, o in itertools.product(("joint", "sum", "halves"), ("sqrt", "none"))]
+           for p, o, c in itertools.product(("joint", "sum"), ("norm_mean", "norm_rms", "norm_sum"), ("none", "balance", "direction"))]
+    direction = [dict(param_reweight=p, output_reweight="sqrt", canonicalize="direction") for p in ("joint", "halves", "sum")]
     return paper + new + direction
 
 
