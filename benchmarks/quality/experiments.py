@@ -34,7 +34,8 @@ class Context:
 
 
 def reference_records(ctx: Context) -> list[dict]:
-    return [ctx.base_record("ref", method=m, split=s, scores=d[s])
+    sizes = {t: {s: len(getattr(ctx.track.tasks[t], s)) for s in ("val", "test")} for t in ctx.tasks}
+    return [ctx.base_record("ref", method=m, split=s, scores=d[s], sizes=sizes)
             for m, d in (("zero-shot", ctx.zero), ("individual", ctx.individual)) for s in ("val", "test")]
 
 
@@ -97,7 +98,7 @@ def config_label(c: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in c.items())
 
 
-def e6_ablation(ctx: Context, top: int = 6) -> tuple[list[dict], dict]:
+def e6_ablation(ctx: Context, top: int = 6, sink=lambda recs: None) -> tuple[list[dict], dict]:
     """Stage 1: every configuration on all tasks (validation). Stage 2: the best ``top`` and the paper's
     config on task subsets of 2 and 4 (validation). Stage 3: k-means restarts and seeds for the winner.
     Returns the records and the winning configuration (best mean over stage 2's sets)."""
@@ -108,7 +109,8 @@ def e6_ablation(ctx: Context, top: int = 6) -> tuple[list[dict], dict]:
         s = score(ctx.track, m.deltas, ctx.tasks, "val")
         stage1.append((mean(s), c))
         recs.append(ctx.base_record("E6", stage=1, config=c, label=config_label(c), split="val", scores=s, merge_s=m.seconds))
-        ctx.log(f"  E6 {config_label(c)}: {mean(s):.4f}")
+        sink(recs[-1:])
+        ctx.log(f"  E6 {config_label(c)}: {mean(s):.4f} (merge {m.seconds:.1f}s)")
     stage1.sort(key=lambda x: -x[0])
     finalists = [c for _, c in stage1[:top]]
     if dict(PAPER_LEGO, unit_split="b") not in [dict(c, unit_split="b") for c in finalists]:
@@ -122,6 +124,7 @@ def e6_ablation(ctx: Context, top: int = 6) -> tuple[list[dict], dict]:
             s = score(ctx.track, m.deltas, ts, "val")
             per_set.append(mean(s))
             recs.append(ctx.base_record("E6", stage=2, config=c, label=config_label(c), tasks=ts, split="val", scores=s))
+            sink(recs[-1:])
         avg = sum(per_set) / len(per_set)
         ctx.log(f"  E6 subsets {config_label(c)}: {avg:.4f} {['%.3f' % x for x in per_set]}")
         if best is None or avg > best[0]:
@@ -132,6 +135,7 @@ def e6_ablation(ctx: Context, top: int = 6) -> tuple[list[dict], dict]:
         s = score(ctx.track, m.deltas, ctx.tasks, "val")
         recs.append(ctx.base_record("E6", stage=3, config=dict(winner, n_init=n_init), kmeans_seed=kseed, split="val",
                                     scores=s, merge_s=m.seconds))
+        sink(recs[-1:])
     return recs, winner
 
 
@@ -156,31 +160,46 @@ def e1_methods(lego_default: dict) -> list[tuple[str, str, dict]]:
     return rows
 
 
-def e1_multitask(ctx: Context, lego_default: dict, multiples=(1, 2, 4)) -> list[dict]:
+def e1_multitask(ctx: Context, lego_default: dict, multiples=(1, 2, 4), sink=lambda recs: None, skip=()) -> list[dict]:
+    """Every method at k = r (defaults, and knobs tuned on validation); at 2r and 4r with the tuned knobs.
+    ``skip``: row labels already measured (a resumed run)."""
     recs = []
     adapters = [ctx.adapters[t] for t in ctx.tasks]
-    s = ensemble_scores(ctx.track, [ctx.deltas[t] for t in ctx.tasks], ctx.tasks, "test")
-    recs.append(ctx.base_record("E1", method="ensemble (outputs)", k="N models", tuned="none", split="test", scores=s))
-    m = run_merge(adapters, "concat", None, None, ctx.seed)
-    recs.append(ctx.base_record("E1", method="concat (exact sum, λ=1)", k=f"{m.rank} (exact)", tuned="none", split="test",
-                                scores=score(ctx.track, m.deltas, ctx.tasks, "test"), merge_s=m.seconds))
+    if "ensemble (outputs)" not in skip:
+        s = ensemble_scores(ctx.track, [ctx.deltas[t] for t in ctx.tasks], ctx.tasks, "test")
+        recs.append(ctx.base_record("E1", method="ensemble (outputs)", k="N models", tuned="none", split="test", scores=s))
+        sink(recs[-1:])
     for label, method, fixed in [("concat", "concat", {})] + e1_methods(lego_default):
+        if label in skip:
+            continue
+        t0 = time.perf_counter()
         takes_rank = METHODS[method].takes_rank
-        chosen, trecs = tune(ctx, method, adapters, ctx.tasks, ctx.rank if takes_rank else None, fixed)
-        recs += [dict(r, row=label) for r in trecs]
-        ctx.log(f"  E1 {label}: chose {chosen.label}")
+        new = []
+        if method in ("concat", "ensemble"):  # exact: only the output scale could be tuned, and concat has it
+            chosen = Candidate("default", None)
+            if method == "concat":
+                chosen, trecs = tune(ctx, method, adapters, ctx.tasks, None, fixed)
+                new += [dict(r, row=label) for r in trecs]
+        else:
+            chosen, trecs = tune(ctx, method, adapters, ctx.tasks, ctx.rank if takes_rank else None, fixed)
+            new += [dict(r, row=label) for r in trecs]
         for mult in (multiples if takes_rank else (None,)):
             k = ctx.rank * mult if mult else None
-            for tuned, cand in (("default", Candidate("default", None)), ("val", chosen)):
-                if tuned == "val" and cand.label == "default" and recs and recs[-1].get("tuned") == "default" and recs[-1].get("k") == k:
-                    s = recs[-1]["scores"]
-                    ms = recs[-1].get("merge_s")
-                else:
-                    m = run_merge(adapters, method, k, cand.weights, ctx.seed, **fixed, **cand.opts)
-                    s = score(ctx.track, m.deltas, ctx.tasks, "test")
-                    ms = m.seconds
-                recs.append(ctx.base_record("E1", method=label, k=k if k else "exact", tuned=tuned, chosen=cand.label,
-                                            split="test", scores=s, merge_s=ms))
+            variants = [("default", Candidate("default", None))] if mult in (1, None) else []
+            if chosen.label != "default" or not variants:
+                variants.append(("val", chosen))
+            for tuned, cand in variants:
+                m = run_merge(adapters, method, k, cand.weights, ctx.seed, **fixed, **cand.opts)
+                s = score(ctx.track, m.deltas, ctx.tasks, "test")
+                new.append(ctx.base_record("E1", method=label, k=k if k else f"{m.rank} (exact)", tuned=tuned,
+                                           chosen=cand.label, split="test", scores=s, merge_s=m.seconds))
+                if tuned == "default" and chosen.label == "default":
+                    new.append(dict(new[-1], tuned="val"))
+        recs += new
+        sink(new)
+        ctx.log(f"  E1 {label}: chose {chosen.label} on validation; test mean at k=r "
+                f"{mean(new[-1 if not takes_rank else [r.get('k') for r in new].index(ctx.rank)]['scores']):.3f} "
+                f"({time.perf_counter() - t0:.0f}s)")
     return recs
 
 

@@ -10,10 +10,9 @@ from pathlib import Path
 TRACK_INFO = {
     "encoder": "all-MiniLM-L6-v2 (22.7M parameters) with the verbaliser-prototype head; LoRA r=8, alpha=16 on "
                "query/key/value/attention-output/intermediate/output of the 6 layers (36 modules); AdamW lr 1e-3, "
-               "100 steps of batch 16, max 64 tokens; 400 test and 200 validation items per task",
+               "100 steps of batch 16, max 64 tokens",
     "decoder": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32) with rank classification over the first token "
-               "of each label word; LoRA r=8, alpha=16 on q_proj/v_proj; AdamW lr 1e-3, 60 steps of batch 8; "
-               "200 test and 100 validation items per task",
+               "of each label word; LoRA r=8, alpha=16 on q_proj/v_proj; AdamW lr 1e-3, 60 steps of batch 8",
 }
 COMMANDS = {
     "encoder": "python -m benchmarks.quality.run --track encoder --seeds {seeds} --experiments {exps}",
@@ -115,7 +114,7 @@ def section_e3(T: Track) -> str:
     for m, rs in g.items():
         rows.append([m] + [pm([r["scores"][t] for r in rs if r["task"] == t]) for t in T.tasks]
                     + [pm([mean(r["scores"][r["task"]] for r in v) for v in grouped(rs, lambda r: r["seed"]).values()])])
-    return table(["merge of the other 7 → held-out task", *map(short, T.tasks), "mean"], rows)
+    return table(["merge of the other tasks → held-out task", *map(short, T.tasks), "mean"], rows)
 
 
 def section_e5(T: Track) -> str:
@@ -259,7 +258,13 @@ def write_report(here: Path, log=print) -> Path:
     for T in tracks:
         exps = sorted({r["exp"] for r in T.records if r["exp"] not in ("ref", "tune")})
         cmd = COMMANDS[T.name].format(seeds=len(T.seeds), exps=",".join(exps))
-        lines += [f"## {T.name.capitalize()} track", "", TRACK_INFO[T.name] + ".", "",
+        refs = [r for r in T.records if r["exp"] == "ref" and r.get("sizes")]
+        sizes = ""
+        if refs:
+            sz = refs[0]["sizes"]
+            sizes = (f"; {min(v['test'] for v in sz.values())} test and {min(v['val'] for v in sz.values())} "
+                     "validation items per task, the training pool disjoint from both")
+        lines += [f"## {T.name.capitalize()} track", "", TRACK_INFO[T.name].rstrip(";") + sizes + ".", "",
                   f"Seeds run: {', '.join(map(str, T.seeds))}. Command: `{cmd}`.", "",
                   "### Reference: zero-shot base model and each task's own LoRA", "", section_reference(T), "",
                   "### E0 permutation merging (paper's Table 1)", "",

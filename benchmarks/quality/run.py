@@ -63,7 +63,7 @@ def run_track(args, track_name: str) -> None:
     tasks = {n: load_task(n, **sizes) for n in names}
     track = make_track(track_name, tasks, Path(args.cache))
     steps = args.steps or (100 if track_name == "encoder" else 60)
-    path = HERE / "results" / f"{track_name}.json"
+    path = Path(args.results) / f"{track_name}.json"
     records = load_results(path)
     for seed in range(args.seeds):
         t0 = time.perf_counter()
@@ -74,13 +74,27 @@ def run_track(args, track_name: str) -> None:
         default = current_lego_default()
         for exp in filter(None, args.experiments.split(",")):
             t1 = time.perf_counter()
+            keep = []
+            if exp == "E1" and args.resume:
+                keep = [r for r in records if r["exp"] in ("E1", "tune") and r["track"] == track_name and r["seed"] == seed]
+            records = store(path, records, keep, dict(exp=exp, track=track_name, seed=seed))
+            if exp == "E1":
+                records = store(path, records, [r for r in keep if r["exp"] == "tune"], dict(exp="tune", track=track_name, seed=seed))
+
+            def sink(new, _path=path):
+                nonlocal records
+                records = store(_path, records, new, dict(exp="__never__"))
+
             if exp == "E6":
-                new, winner = E.e6_ablation(ctx)
+                _, winner = E.e6_ablation(ctx, sink=sink)
                 log(f"E6 winner on validation: {winner}")
-            elif exp == "E0":
+                continue
+            if exp == "E0":
                 new = E.e0_permutation(ctx, default)
             elif exp == "E1":
-                new = E.e1_multitask(ctx, default)
+                done = {r.get("method") for r in keep if r["exp"] == "E1"}
+                E.e1_multitask(ctx, default, sink=sink, skip=done)
+                new = []
             elif exp == "E3":
                 new = E.e3_out_of_domain(ctx, default)
             elif exp == "E5":
@@ -89,12 +103,8 @@ def run_track(args, track_name: str) -> None:
                 new = E.e7_rank_sweep(ctx, default, linear_choice(records, track_name, seed))
             else:
                 raise SystemExit(f"unknown experiment {exp}")
-            for r in new:
-                r["seconds_total"] = None
-            records = store(path, records, new, dict(exp=exp, track=track_name, seed=seed))
-            if exp == "E1":
-                records = store(path, records, [r for r in new if r["exp"] == "tune"], dict(exp="tune", track=track_name, seed=seed))
-            log(f"{track_name} seed {seed} {exp}: {len(new)} records, {time.perf_counter() - t1:.0f}s")
+            records = store(path, records, new, dict(exp="__never__"))
+            log(f"{track_name} seed {seed} {exp}: {time.perf_counter() - t1:.0f}s")
 
 
 E_DECODER_TASKS = ["sms_spam", "trec", "bbc_news", "movie_sent"]
@@ -121,6 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-val", type=int, default=100, help="validation items per task")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default=str(HERE / "cache"))
+    p.add_argument("--results", default=str(HERE / "results"), help="folder of the <track>.json measurements")
+    p.add_argument("--resume", action="store_true", help="E1: keep the methods already measured")
     p.add_argument("--smoke", action="store_true", help="2 tasks, few steps; check coarse facts and exit")
     p.add_argument("--report", action="store_true", help="only rewrite RESULTS.md and the plots")
     args = p.parse_args(argv)
@@ -131,7 +143,8 @@ def main(argv=None) -> int:
         for t in (["encoder", "decoder"] if args.track == "both" else [args.track]):
             run_track(args, t)
     from .report import write_report
-    write_report(HERE, log)
+    if Path(args.results).resolve() == (HERE / "results").resolve():
+        write_report(HERE, log)
     return 0
 
 
