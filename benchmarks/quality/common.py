@@ -54,8 +54,9 @@ def ensemble_scores(track, adapter_deltas: list[dict], tasks: list[str], split: 
 
 
 # The same small grid for every method's output-scale knob: the weight λ given to each input (for the
-# methods whose default weight is 1/N, λ multiplies that 1/N-based merge by N λ).
-LAMBDAS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
+# methods whose default weight is 1/N, their default is λ = 1/N); then, at the best λ, the density where
+# the method has one.
+LAMBDAS = (0.25, 0.5, 1.0)
 DENSITIES = (0.2, 0.5, 0.8)
 
 
@@ -66,18 +67,18 @@ class Candidate:
     opts: dict = field(default_factory=dict)
 
 
-def tuning_grid(method: str, n: int) -> list[Candidate]:
-    """λ (every input weighted λ) x density where the method has one. The untuned default is included."""
-    m = METHODS[method]
-    names = {o.name for o in m.options}
-    dens = [{}]
-    for key in ("density", "keep", "k_density"):
-        if key in names:
-            dens = [{key: d} for d in DENSITIES]
-            break
-    out = [Candidate("default", None)]
-    for lam in LAMBDAS:
-        for d in dens:
-            label = f"λ={lam}" + "".join(f", {k}={v}" for k, v in d.items())
-            out.append(Candidate(label, [lam] * n, d))
-    return out
+def density_option(method: str) -> str | None:
+    names = {o.name for o in METHODS[method].options}
+    return "density" if "density" in names else None
+
+
+def lambda_grid(n: int) -> list[Candidate]:
+    return [Candidate("default", None)] + [Candidate(f"λ={lam}", [lam] * n) for lam in LAMBDAS]
+
+
+def density_grid(method: str, best: Candidate) -> list[Candidate]:
+    key = density_option(method)
+    if key is None:
+        return []
+    current = best.opts.get(key, METHODS[method].option_defaults()[key])
+    return [Candidate(f"{best.label}, {key}={d}", best.weights, dict(best.opts, **{key: d})) for d in DENSITIES if d != current]

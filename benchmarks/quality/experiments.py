@@ -11,7 +11,7 @@ import torch
 
 from lora_lego import METHODS, Adapter, Factors, load_adapter
 
-from .common import Candidate, deltas_of, ensemble_scores, mean, run_merge, score, tuning_grid
+from .common import Candidate, deltas_of, density_grid, ensemble_scores, lambda_grid, mean, run_merge, score
 
 # The lego configuration the paper describes (and this project shipped first), kept as a named row.
 PAPER_LEGO = dict(param_reweight="joint", output_reweight="sqrt", canonicalize="none", unit_split="b")
@@ -79,26 +79,29 @@ def e0_permutation(ctx: Context, lego_default: dict) -> list[dict]:
 # -- E6 ---------------------------------------------------------------------------------------------
 def e6_grid() -> list[dict]:
     """At k = r the paper's output reweightings sqrt(r/k), r/k and 1 are all 1, so its 3 x 3 x 3 grid has
-    9 distinct members (output_reweight=sqrt stands for all three). Then the variants beyond the paper."""
+    9 distinct members (output_reweight=sqrt stands for all three). Then the variants beyond the paper:
+    the merged update scaled to a norm computed from the inputs, and clustering directions with the
+    centroids given the mean or the summed magnitude of their members."""
     paper = [dict(param_reweight=p, output_reweight="sqrt", canonicalize=c)
              for p, c in itertools.product(("joint", "halves", "none"), ("none", "sign", "balance"))]
-    new = [dict(param_reweight=p, output_reweight=o, canonicalize=c)
-           for p, o, c in itertools.product(("joint", "sum"), ("norm_mean", "norm_rms", "norm_sum"), ("none", "balance", "direction"))]
-    direction = [dict(param_reweight=p, output_reweight="sqrt", canonicalize="direction") for p in ("joint", "halves", "sum")]
+    new = [dict(param_reweight="joint", output_reweight=o, canonicalize=c)
+           for o, c in itertools.product(("norm_mean", "norm_rms", "norm_sum"), ("none", "balance", "direction"))]
+    direction = [dict(param_reweight=p, output_reweight="sqrt", canonicalize="direction") for p in ("joint", "sum")]
     return paper + new + direction
 
 
 def subsets(tasks: list[str], seed: int) -> list[list[str]]:
     """All tasks, plus two random 4-task and two random 2-task subsets: a default must hold for any N."""
     rng = random.Random(f"subsets:{seed}")
-    return [list(tasks)] + [sorted(rng.sample(tasks, 4)) for _ in range(2)] + [sorted(rng.sample(tasks, 2)) for _ in range(2)]
+    sizes = [s for s in (len(tasks) // 2, 2) if 2 <= s < len(tasks)]
+    return [list(tasks)] + [sorted(rng.sample(tasks, s)) for s in sizes for _ in range(2)]
 
 
 def config_label(c: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in c.items())
 
 
-def e6_ablation(ctx: Context, top: int = 6, sink=lambda recs: None) -> tuple[list[dict], dict]:
+def e6_ablation(ctx: Context, top: int = 4, sink=lambda recs: None) -> tuple[list[dict], dict]:
     """Stage 1: every configuration on all tasks (validation). Stage 2: the best ``top`` and the paper's
     config on task subsets of 2 and 4 (validation). Stage 3: k-means restarts and seeds for the winner.
     Returns the records and the winning configuration (best mean over stage 2's sets)."""
@@ -116,10 +119,11 @@ def e6_ablation(ctx: Context, top: int = 6, sink=lambda recs: None) -> tuple[lis
     if dict(PAPER_LEGO, unit_split="b") not in [dict(c, unit_split="b") for c in finalists]:
         finalists.append({k: v for k, v in PAPER_LEGO.items() if k != "unit_split"})
     sets = subsets(ctx.tasks, ctx.seed)
+    stage1_mean = {config_label(c): v for v, c in stage1}
     best = None
     for c in finalists:
-        per_set = []
-        for ts in sets:
+        per_set = [stage1_mean[config_label(c)]]  # the all-task set was measured in stage 1
+        for ts in sets[1:]:
             m = run_merge([ctx.adapters[t] for t in ts], "lego", ctx.rank, None, ctx.seed, **c)
             s = score(ctx.track, m.deltas, ts, "val")
             per_set.append(mean(s))
@@ -130,7 +134,7 @@ def e6_ablation(ctx: Context, top: int = 6, sink=lambda recs: None) -> tuple[lis
         if best is None or avg > best[0]:
             best = (avg, c)
     winner = best[1]
-    for n_init, kseed in itertools.product((1, 3, 10), (0, 1, 2)):
+    for n_init, kseed in itertools.product((1, 10), (1, 2)):
         m = run_merge(list(ctx.adapters.values()), "lego", ctx.rank, None, 100 * ctx.seed + kseed, n_init=n_init, **winner)
         s = score(ctx.track, m.deltas, ctx.tasks, "val")
         recs.append(ctx.base_record("E6", stage=3, config=dict(winner, n_init=n_init), kmeans_seed=kseed, split="val",
@@ -141,13 +145,20 @@ def e6_ablation(ctx: Context, top: int = 6, sink=lambda recs: None) -> tuple[lis
 
 # -- E1 / E7 ----------------------------------------------------------------------------------------
 def tune(ctx: Context, method: str, adapters: list[Adapter], tasks: list[str], rank: int | None, fixed: dict) -> tuple[Candidate, list[dict]]:
+    """λ from the shared grid (and the method's default), then the density at that λ, on validation."""
     recs, best = [], None
-    for cand in tuning_grid(method, len(adapters)):
-        m = run_merge(adapters, method, rank, cand.weights, ctx.seed, **fixed, **cand.opts)
-        s = score(ctx.track, m.deltas, tasks, "val")
-        recs.append(ctx.base_record("tune", method=method, label=cand.label, fixed=fixed, split="val", scores=s))
-        if best is None or mean(s) > best[0]:
-            best = (mean(s), cand)
+
+    def trial(cands):
+        nonlocal best
+        for cand in cands:
+            m = run_merge(adapters, method, rank, cand.weights, ctx.seed, **fixed, **cand.opts)
+            s = score(ctx.track, m.deltas, tasks, "val")
+            recs.append(ctx.base_record("tune", method=method, label=cand.label, fixed=fixed, split="val", scores=s))
+            if best is None or mean(s) > best[0]:
+                best = (mean(s), cand)
+
+    trial(lambda_grid(len(adapters)))
+    trial(density_grid(method, best[1]))
     return best[1], recs
 
 
@@ -160,7 +171,7 @@ def e1_methods(lego_default: dict) -> list[tuple[str, str, dict]]:
     return rows
 
 
-def e1_multitask(ctx: Context, lego_default: dict, multiples=(1, 2, 4), sink=lambda recs: None, skip=()) -> list[dict]:
+def e1_multitask(ctx: Context, lego_default: dict, multiples=(1,), sink=lambda recs: None, skip=()) -> list[dict]:
     """Every method at k = r (defaults, and knobs tuned on validation); at 2r and 4r with the tuned knobs.
     ``skip``: row labels already measured (a resumed run)."""
     recs = []

@@ -140,6 +140,7 @@ def section_e6(T: Track) -> str:
                   key=lambda x: -float(x[1].split()[0]))
     parts.append("Stage 1: every configuration merging all tasks at k = r, validation mean accuracy "
                  f"({len(rows)} configurations, best first; unit_split=b, n_init=10):\n\n" + table(["configuration", "val mean"], rows))
+    s1_mean = {lbl: mean(mean(r["scores"].values()) for r in rs) for lbl, rs in s1.items()}
     s2 = [r for r in recs if r["stage"] == 2]
     if s2:
         sets = []
@@ -150,20 +151,24 @@ def section_e6(T: Track) -> str:
         g = grouped(s2, lambda r: r["label"])
         rows = []
         for lbl, rs in g.items():
-            cells = [pm([mean(r["scores"].values()) for r in rs if ",".join(r["tasks"]) == s]) for s in sets]
-            overall = mean(mean(r["scores"].values()) for r in rs)
-            rows.append([lbl, *cells, f"**{overall:.3f}**"])
+            cells = [s1_mean[lbl]] + [mean(mean(r["scores"].values()) for r in rs if ",".join(r["tasks"]) == s) for s in sets]
+            rows.append([lbl, *(f"{c:.3f}" for c in cells), f"**{mean(cells):.3f}**"])
         rows.sort(key=lambda x: -float(x[-1].strip("*")))
-        names = [("all %d" % len(s.split(","))) if len(s.split(",")) == len(T.tasks) else " + ".join(map(short, s.split(","))) for s in sets]
+        names = [f"all {len(T.tasks)}"] + [" + ".join(map(short, s.split(","))) for s in sets]
         parts.append("Stage 2: the finalists (stage 1's best and the paper's configuration) on task sets of every size, "
                      "validation mean accuracy per set; the winner has the best average over the sets:\n\n"
                      + table(["configuration", *names, "average"], rows))
     s3 = [r for r in recs if r["stage"] == 3]
     if s3:
+        winner = {k: v for k, v in s3[0]["config"].items() if k != "n_init"}
+        first = s1.get(", ".join(f"{k}={v}" for k, v in winner.items()), [])
         g = grouped(s3, lambda r: r["config"]["n_init"])
-        rows = [[str(n), pm([mean(r["scores"].values()) for r in rs]), f"{mean(r['merge_s'] for r in rs):.2f}"] for n, rs in sorted(g.items())]
-        parts.append("Stage 3: the winner's k-means restarts (n_init) over k-means seeds 0, 1, 2 (validation mean "
-                     "± std over seeds):\n\n" + table(["n_init", "val mean", "merge s"], rows))
+        rows = []
+        for n, rs in sorted(g.items()):
+            vals = [mean(r["scores"].values()) for r in rs] + ([mean(r["scores"].values()) for r in first] if n == 10 else [])
+            rows.append([str(n), ", ".join(f"{v:.3f}" for v in vals), pm(vals), f"{mean(r['merge_s'] for r in rs):.2f}"])
+        parts.append("Stage 3: the winner's k-means restarts (n_init) and k-means seeds (validation mean; n_init = 10 "
+                     "includes stage 1's run):\n\n" + table(["n_init", "per k-means seed", "mean ± std", "merge s"], rows))
     return "\n\n".join(parts)
 
 
@@ -272,9 +277,9 @@ def write_report(here: Path, log=print) -> Path:
                   section_e0(T), "",
                   "### E1 multi-task merging, all tasks", "",
                   "One merged adapter scored on every task. `knobs`: `default` = the method's own defaults, "
-                  "`val (...)` = λ (and density where the method has one) chosen on validation at k = r from the "
-                  "same grid for every method (λ ∈ {0.125, 0.25, 0.375, 0.5, 0.75, 1}, density ∈ {0.2, 0.5, 0.8}) "
-                  "and reused at 2r and 4r. `mean / individual` = accuracy normalised by each task's own LoRA. "
+                  "`val (...)` = the input weight λ chosen on validation at k = r from the same grid for every "
+                  "method (the method's default, λ ∈ {0.25, 0.5, 1}), then, at that λ, the density where the method "
+                  "has one (∈ {0.2, 0.5, 0.8}). `mean / individual` = accuracy normalised by each task's own LoRA. "
                   "Exact methods (concat, the output ensemble) have no rank budget and are marked as such.", "",
                   plot_e1(T, here) + section_e1(T), "",
                   "### E3 out-of-domain: merge the other tasks, score the held-out one", "", section_e3(T), "",
