@@ -44,12 +44,11 @@ def weighted_sum(deltas: list[torch.Tensor], weights: list[float]) -> torch.Tens
 def elect_sign(deltas: list[torch.Tensor], how: str) -> torch.Tensor:
     """The elected sign per entry (+1 on ties): that of the summed (unweighted) updates ("total") or of the
     count of positive minus negative entries ("frequency")."""
-    if how == "total":
-        mass = torch.stack(deltas).sum(dim=0)
-    elif how == "frequency":
-        mass = torch.stack([d.sign() for d in deltas]).sum(dim=0)
-    else:
+    if how not in SIGN_METHODS:
         raise ValueError(f"unknown sign election {how!r}; expected one of {SIGN_METHODS}")
+    mass = torch.zeros_like(deltas[0])
+    for d in deltas:  # accumulated, not stacked: one extra module-sized tensor, not N
+        mass.add_(d if how == "total" else d.sign())
     return torch.where(mass >= 0, 1.0, -1.0).to(deltas[0].dtype)
 
 
