@@ -3,7 +3,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_lego.adapter import Factors
-from lora_lego.lowrank import truncate_dense, truncate_factors, truncate_sum
+from lora_lego.lowrank import subspace_truncate, truncate_dense, truncate_factors, truncate_sum
 
 
 def rand_factors(ranks, d_out=13, d_in=11, seed=0, dtype=torch.float64):
@@ -97,3 +97,35 @@ def test_truncate_dense_is_the_truncated_svd():
 def test_truncate_factors_of_a_zero_update_is_zero():
     out = truncate_factors(torch.zeros(3, 8), torch.zeros(9, 3), 2)
     assert out.rank == 2 and torch.count_nonzero(out.delta()) == 0
+
+
+def sparsified_lora_sum(d_out=240, d_in=200, ranks=(4, 4, 4), seed=0):
+    """What the elementwise methods truncate: a sum of LoRA updates with 70% of its entries zeroed, so a
+    dominant part of rank Σ r_i over a full-rank remainder."""
+    fs = rand_factors(list(ranks), d_out=d_out, d_in=d_in, seed=seed, dtype=torch.float32)
+    M = sum(f.delta() for f in fs)
+    keep = torch.rand(M.shape, generator=torch.Generator().manual_seed(seed)) < 0.3
+    return M * keep
+
+
+@pytest.mark.parametrize("k", [4, 12])
+def test_subspace_iteration_converges_to_the_truncated_svd(k):
+    M = sparsified_lora_sum()
+    out = subspace_truncate(M, k, 12 + 16)
+    assert out is not None and out.rank == k
+    ref = svd_truncation(M.double(), k)
+    assert (out.delta().double() - ref).norm() <= 1e-4 * ref.norm()
+    assert torch.allclose(out.A @ out.A.T, torch.eye(k), atol=1e-5)
+    again = subspace_truncate(M, k, 12 + 16)
+    assert torch.equal(out.A, again.A) and torch.equal(out.B, again.B)
+    # truncate_dense takes this path when told the signal rank, and agrees
+    via_dense = truncate_dense(M, k, signal_rank=12)
+    assert torch.equal(via_dense.B, out.B)
+
+
+def test_flat_spectrum_does_not_converge_and_falls_back_to_the_full_svd():
+    M = torch.randn(200, 200, generator=torch.Generator().manual_seed(1))
+    assert subspace_truncate(M, 4, 20) is None
+    out = truncate_dense(M, 4)
+    ref = svd_truncation(M.double(), 4)
+    assert (out.delta().double() - ref).norm() <= 1e-4 * ref.norm()

@@ -6,8 +6,9 @@ from lora_lego import load_adapter, merge
 from lora_lego.adapter import Factors
 from lora_lego.elementwise import magnitude_trim, task_deltas
 from lora_lego.errors import LoraLegoError
-from lora_lego.methods.dare import dare_linear, dare_ties
-from lora_lego.methods.magnitude_prune import magnitude_prune
+from lora_lego.methods import METHODS
+from lora_lego.methods.dare import dare_linear, dare_linear_delta, dare_ties, dare_ties_delta
+from lora_lego.methods.magnitude_prune import magnitude_prune, magnitude_prune_delta
 from lora_lego.methods.ties import ties, ties_delta
 
 
@@ -73,3 +74,19 @@ def test_density_does_not_apply_to_linear(tmp_path):
     p = random_adapter(tmp_path / "a", rank=4)
     with pytest.raises(LoraLegoError, match="option --density does not apply to method linear"):
         merge([load_adapter(p)] * 2, method="linear", density=0.5)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties", "magnitude_prune"])
+def test_on_a_larger_module_the_result_is_the_truncated_svd_of_the_merged_update(method):
+    # 240 x 200 with Σ r_i = 12: the truncation takes the subspace-iteration path
+    fs = [rand_factors(4, s, d_out=240, d_in=200) for s in range(3)]
+    w = [1.0, 0.7, -0.4]
+    deltas = task_deltas(fs)
+    merged = {"ties": lambda: ties_delta(deltas, w, 0.3, "total"),
+              "dare_linear": lambda: dare_linear_delta(deltas, w, 0.3, gen(3)),
+              "dare_ties": lambda: dare_ties_delta(deltas, w, 0.3, "total", gen(3)),
+              "magnitude_prune": lambda: magnitude_prune_delta(deltas, w, 0.3)}[method]()
+    out = METHODS[method].fn(fs, w, 5, generator=gen(3), density=0.3)
+    ref = svd_k(merged, 5)
+    assert out.rank == 5
+    assert (out.delta().double() - ref).norm() <= 1e-4 * ref.norm()

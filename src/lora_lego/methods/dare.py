@@ -8,7 +8,7 @@ import torch
 
 from ..adapter import Factors
 from ..elementwise import random_drop, sign_consensus, task_deltas, weighted_sum
-from ..lowrank import output_rank, truncate_dense
+from ..lowrank import truncate_merged
 from . import MergeMethod, register
 from .ties import DENSITY, MAJORITY_SIGN
 
@@ -28,13 +28,13 @@ def dare_ties_delta(deltas, weights, density: float, majority_sign: str, generat
 
 def dare_linear(factors: list[Factors], weights: list[float], rank: int | None = None, *,
                 generator: torch.Generator, density: float = 0.2, **_) -> Factors:
-    return truncate_dense(dare_linear_delta(task_deltas(factors), weights, density, generator), output_rank(factors, rank))
+    return truncate_merged(dare_linear_delta(task_deltas(factors), weights, density, generator), factors, rank)
 
 
 def dare_ties(factors: list[Factors], weights: list[float], rank: int | None = None, *,
               generator: torch.Generator, density: float = 0.2, majority_sign: str = "total", **_) -> Factors:
-    return truncate_dense(dare_ties_delta(task_deltas(factors), weights, density, majority_sign, generator),
-                          output_rank(factors, rank))
+    return truncate_merged(dare_ties_delta(task_deltas(factors), weights, density, majority_sign, generator),
+                          factors, rank)
 
 
 register(MergeMethod(

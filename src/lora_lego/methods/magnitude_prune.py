@@ -7,7 +7,7 @@ import torch
 
 from ..adapter import Factors
 from ..elementwise import magnitude_trim, task_deltas, weighted_sum
-from ..lowrank import output_rank, truncate_dense
+from ..lowrank import truncate_merged
 from . import MergeMethod, register
 from .ties import DENSITY
 
@@ -18,7 +18,7 @@ def magnitude_prune_delta(deltas: list[torch.Tensor], weights: list[float], dens
 
 def magnitude_prune(factors: list[Factors], weights: list[float], rank: int | None = None, *,
                     density: float = 0.2, **_) -> Factors:
-    return truncate_dense(magnitude_prune_delta(task_deltas(factors), weights, density), output_rank(factors, rank))
+    return truncate_merged(magnitude_prune_delta(task_deltas(factors), weights, density), factors, rank)
 
 
 register(MergeMethod(

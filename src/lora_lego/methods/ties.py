@@ -7,7 +7,7 @@ import torch
 
 from ..adapter import Factors
 from ..elementwise import SIGN_METHODS, magnitude_trim, sign_consensus, task_deltas
-from ..lowrank import output_rank, truncate_dense
+from ..lowrank import truncate_merged
 from . import MergeMethod, Option, fraction, register
 
 DENSITY = Option("density", float, 0.2, "share of each update's entries kept, in (0, 1]", valid=fraction,
@@ -26,7 +26,7 @@ def ties_delta(deltas: list[torch.Tensor], weights: list[float], density: float,
 
 def ties(factors: list[Factors], weights: list[float], rank: int | None = None, *, density: float = 0.2,
          majority_sign: str = "total", **_) -> Factors:
-    return truncate_dense(ties_delta(task_deltas(factors), weights, density, majority_sign), output_rank(factors, rank))
+    return truncate_merged(ties_delta(task_deltas(factors), weights, density, majority_sign), factors, rank)
 
 
 register(MergeMethod(
