@@ -50,7 +50,7 @@ def truncate_dense(delta: torch.Tensor, rank: int, signal_rank: int = 0) -> Fact
 
     Where the kept rank is small against the matrix, the top singular triplets come from block subspace
     iteration, accepted only once each kept triplet is exact to float32 rounding (see
-    ``subspace_truncate``): on a 4096 x 4096 update that is under a second against 40 s or more for a
+    ``subspace_truncate``): on a 4096 x 4096 update that took about a second against 41 to 46 s for a
     full SVD on one CPU thread. Otherwise, or if it does not converge, the full SVD
     (O(d_out d_in min(d_out, d_in))). ``signal_rank``: the rank of the update's dominant part where it is
     known (Σ r_i for a sparsified sum of LoRA updates); the block spans it, so that the iteration
