@@ -1,8 +1,5 @@
 """Every method is registered, listed by the CLI, and reachable with its options as flags."""
 
-import subprocess
-import sys
-
 import pytest
 from helpers import random_adapter, random_modules, write_peft
 
@@ -35,12 +32,12 @@ def test_every_baseline_merges_from_the_cli(tmp_path, method):
     assert {s.rank for s in out.modules.values()} == ({8} if method == "ensemble" else {3})
 
 
-def test_bad_density_and_average_ranks_are_one_line_exit_2(tmp_path):
+def test_bad_density_and_average_ranks_are_one_line_exit_2(tmp_path, capsys):
     a = random_adapter(tmp_path / "a", rank=4)
     b = write_peft(tmp_path / "b", random_modules(2, 1), r=2, alpha=4)
     for args, message in (([a, a, "--method", "ties", "--density", "0"], "--density must be in (0, 1], got 0.0"),
                           ([a, b, "--method", "average"], "average needs equal ranks")):
-        proc = subprocess.run([sys.executable, "-m", "lora_lego.cli", "merge", *map(str, args), "-o", str(tmp_path / "o")],
-                              capture_output=True, text=True)
-        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert main(["merge", *map(str, args), "-o", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "o").exists()
