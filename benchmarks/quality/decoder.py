@@ -124,6 +124,7 @@ class DecoderTrack:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(self.base_dir(), dtype=torch.float32)
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS))
+        model.peft_config["default"].base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"  # not a local path
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         items = self.tasks[task].train

@@ -117,6 +117,7 @@ class EncoderTrack:
         config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS,
                             exclude_modules=["pooler.dense"])
         model = get_peft_model(model, config)
+        model.peft_config["default"].base_model_name_or_path = "sentence-transformers/all-MiniLM-L6-v2"  # not a local path
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         items = self.tasks[task].train
