@@ -67,7 +67,7 @@ def run_track(args, track_name: str) -> None:
     records = load_results(path)
     for seed in range(args.seeds):
         t0 = time.perf_counter()
-        ctx = E.Context(track, seed, args.rank, steps, log=log)
+        ctx = E.Context(track, seed, args.rank, steps, log=log, known=[r for r in records if r["track"] == track_name])
         log(f"{track_name} seed {seed}: adapters ready ({time.perf_counter() - t0:.0f}s); zero-shot test "
             f"{sum(ctx.zero['test'].values()) / len(names):.3f}, individual {sum(ctx.individual['test'].values()) / len(names):.3f}")
         records = store(path, records, E.reference_records(ctx), dict(exp="ref", track=track_name, seed=seed))

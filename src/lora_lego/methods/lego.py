@@ -92,9 +92,9 @@ def lego(
     *,
     generator: torch.Generator,
     param_reweight: str = "joint",
-    output_reweight: str = "sqrt",
+    output_reweight: str = "norm_rms",
     unit_split: str = "b",
-    canonicalize: str = "none",
+    canonicalize: str = "direction",
     n_init: int = 10,
     max_iter: int = 100,
     **_,
@@ -105,9 +105,11 @@ def lego(
         norms = X.norm(dim=1, keepdim=True)
         D = X / torch.where(norms > 0, norms, torch.ones_like(norms))
         result = kmeans(D, k, generator=generator, n_init=n_init, max_iter=max_iter)
-        # the centroid of each cluster's directions; its length comes from param_reweight
+        # the centroid of each cluster's directions, its length then set by param_reweight; with
+        # param_reweight=none, the plain mean of the members' units (direction only groups them)
         counts = torch.bincount(result.labels, minlength=result.centers.shape[0]).clamp_min(1).to(D.dtype)
-        centers = torch.zeros_like(result.centers).index_add_(0, result.labels, D) / counts[:, None]
+        members = X if param_reweight == "none" else D
+        centers = torch.zeros_like(result.centers).index_add_(0, result.labels, members) / counts[:, None]
     else:
         X, d_in = pool_units(factors, weights, unit_split, canonicalize)
         result = kmeans(X, k, generator=generator, n_init=n_init, max_iter=max_iter)
@@ -133,13 +135,13 @@ register(MergeMethod(
                "vector (joint), each half separately (halves); give its update the summed update norm of its members (sum); "
                "or not at all (none)",
                PARAM_REWEIGHTS),
-        Option("output_reweight", str, "sqrt", "multiply the merged update by sqrt(r/k) (sqrt), r/k (linear) "
+        Option("output_reweight", str, "norm_rms", "multiply the merged update by sqrt(r/k) (sqrt), r/k (linear) "
                "or 1 (none), r = mean input rank of the module, k = clusters formed; or scale it to the "
                "Frobenius norm of the inputs' weighted mean (norm_mean), of their sum (norm_sum), or to the "
                "root mean square of the inputs' own norms (norm_rms)", OUTPUT_REWEIGHTS),
         Option("unit_split", str, "b", "where scale and weight go in a unit: all on b (b), or the square "
                "root on each half with the sign on b (sqrt)", UNIT_SPLITS),
-        Option("canonicalize", str, "none", "before clustering: none; sign (a unit and its negation "
+        Option("canonicalize", str, "direction", "before clustering: none; sign (a unit and its negation "
                "coincide); balance (sign, then |a| = |b|); direction (balance, then cluster unit-length "
                "directions, lengths restored by param_reweight)", LEGO_CANONICALIZATIONS),
         Option("n_init", int, 10, "k-means restarts; the lowest inertia is kept"),
