@@ -98,6 +98,17 @@ class EncoderTrack:
             emb[idx] = self._forward(self.model, enc)
         return TEMPERATURE * emb @ self.prototypes[task].T
 
+    @torch.no_grad()
+    def embed_items(self, task: str, split: str, idx: list[int]) -> torch.Tensor:
+        """Embeddings of chosen items of a split with the current weights (for retrieval and E2)."""
+        items = getattr(self.tasks[task], split)
+        out = [self._forward(self.model, self._encode([items[i][0] for i in idx[s:s + self.batch]]))
+               for s in range(0, len(idx), self.batch)]
+        return torch.cat(out) if out else torch.empty(0, self.prototypes[task].shape[1])
+
+    def logits_items(self, task: str, split: str, idx: list[int]) -> torch.Tensor:
+        return TEMPERATURE * self.embed_items(task, split, idx) @ self.prototypes[task].T
+
     # -- training ----------------------------------------------------------------------------------
     def adapter_dir(self, task: str, seed: int, rank: int, steps: int) -> Path:
         return self.cache / f"{task}-r{rank}-s{seed}-st{steps}"

@@ -289,3 +289,43 @@ def e5_pruning(ctx: Context, lego_default: dict) -> list[dict]:
                 recs.append(ctx.base_record("E5", method=m, task=t, k=k, split="test", scores={t: acc},
                                             retention=acc / ctx.individual["test"][t]))
     return recs
+
+
+# -- E2 ---------------------------------------------------------------------------------------------
+def e2_mixed_task(ctx: Context, lego_default: dict, top: int = 3, n_keys: int = 100) -> list[dict]:
+    """Inputs of every task arrive together. Each test input retrieves the ``top`` task LoRAs whose key
+    (the mean base-model embedding of ``n_keys`` training items) is closest to its own base embedding;
+    those LoRAs are merged and the input is scored with its task's head. Methods at their defaults."""
+    track = ctx.track
+    track.set_deltas(None)
+    keys = torch.stack([torch.nn.functional.normalize(track.embed_items(t, "train", list(range(n_keys))).mean(0), dim=0)
+                        for t in ctx.tasks])
+    groups: dict[tuple, dict[str, list[int]]] = {}
+    hits = total = 0
+    for t in ctx.tasks:
+        n = len(getattr(track.tasks[t], "test"))
+        emb = track.embed_items(t, "test", list(range(n)))
+        chosen = (emb @ keys.T).topk(top, dim=1).indices.tolist()
+        for i, c in enumerate(chosen):
+            names = tuple(sorted(ctx.tasks[j] for j in c))
+            groups.setdefault(names, {}).setdefault(t, []).append(i)
+            hits += t in names
+            total += 1
+    recs = [ctx.base_record("E2", method="retrieval recall", split="test", recall=hits / total, groups=len(groups))]
+    rows = [("lego (default)", "lego", lego_default), ("lego (paper config)", "lego", dict(PAPER_LEGO))]
+    rows += [(m, m, {}) for m in ("linear", "ties", "task_arithmetic", "ensemble") if m in METHODS]
+    for label, method, opts in rows:
+        correct = {t: 0 for t in ctx.tasks}
+        seconds = 0.0
+        for names, per_task in groups.items():
+            m = run_merge([ctx.adapters[t] for t in names], method, ctx.rank if METHODS[method].takes_rank else None,
+                          None, ctx.seed, **opts)
+            seconds += m.seconds
+            track.set_deltas(m.deltas)
+            for t, idx in per_task.items():
+                pred = track.logits_items(t, "test", idx).argmax(1)
+                correct[t] += int((pred == track.labels(t, "test")[idx]).sum())
+        s = {t: correct[t] / len(getattr(track.tasks[t], "test")) for t in ctx.tasks}
+        recs.append(ctx.base_record("E2", method=label, split="test", scores=s, merge_s=seconds / len(groups)))
+        ctx.log(f"  E2 {label}: {mean(s):.3f}")
+    return recs

@@ -105,6 +105,26 @@ def section_e1(T: Track) -> str:
     return table(["method", "rank k", "knobs", *map(short, T.tasks), "mean", "mean / individual", "merge s"], rows)
 
 
+def section_e2(T: Track) -> str:
+    recs = T.exp("E2")
+    if not recs:
+        return "not run"
+    info = [r for r in recs if r["method"] == "retrieval recall"]
+    g = grouped([r for r in recs if "scores" in r], lambda r: r["method"])
+    rows = []
+    for label, method in (("zero-shot", "zero-shot"), ("individual (oracle: the input's own LoRA)", "individual")):
+        d = T.ref(method)
+        rows.append([label] + [pm([d[s][t] for s in d]) for t in T.tasks] + [pm([mean(d[s].values()) for s in d]), "-"])
+    for m, rs in g.items():
+        rows.append([m + " of the top 3"] + [pm([r["scores"][t] for r in rs]) for t in T.tasks]
+                    + [f"**{pm([mean(r['scores'].values()) for r in rs])}**", f"{mean(r['merge_s'] for r in rs):.2f}"])
+    head = ""
+    if info:
+        head = (f"Retrieval recall (the input's own task among the 3 retrieved): {pm([r['recall'] for r in info])}; "
+                f"distinct sets of 3 merged: {', '.join(str(r['groups']) for r in info)}. Methods at their default knobs.\n\n")
+    return head + table(["method", *map(short, T.tasks), "mean", "merge s per set"], rows)
+
+
 def section_e3(T: Track) -> str:
     recs = T.exp("E3")
     if not recs:
@@ -282,6 +302,10 @@ def write_report(here: Path, log=print) -> Path:
                   "has one (∈ {0.2, 0.5, 0.8}). `mean / individual` = accuracy normalised by each task's own LoRA. "
                   "Exact methods (concat, the output ensemble) have no rank budget and are marked as such.", "",
                   plot_e1(T, here) + section_e1(T), "",
+                  "### E2 mixed-task: each input retrieves 3 LoRAs, which are merged for it", "",
+                  "Each test input's base-model embedding is compared with each task's key (the mean base embedding "
+                  "of 100 of its training items); the 3 closest task LoRAs are merged and the input is scored "
+                  "with its own task's head.", "", section_e2(T), "",
                   "### E3 out-of-domain: merge the other tasks, score the held-out one", "", section_e3(T), "",
                   "### E5 pruning one LoRA (retention = pruned / original accuracy on its task)", "", section_e5(T), "",
                   "### E6 ablations (validation split only)", "", section_e6(T), "",
