@@ -92,6 +92,8 @@ def section_e1(T: Track) -> str:
     if not recs:
         return "not run"
     ind = T.ref("individual")
+    kept = {(r["method"], str(r["k"])) for r in recs if r["tuned"] == "val" and r.get("chosen") == "default"}
+    recs = [r for r in recs if not (r["tuned"] == "val" and r.get("chosen") == "default")]
     g = grouped(recs, lambda r: (r["method"], str(r["k"]), r["tuned"]))
     rows = []
     for (m, k, tuned), rs in sorted(g.items(), key=lambda kv: (kv[0][1].isdigit() and int(kv[0][1]) or 0, -mean(mean(r["scores"].values()) for r in kv[1]))):
@@ -99,6 +101,8 @@ def section_e1(T: Track) -> str:
         norm = [mean(r["scores"][t] / ind[r["seed"]][t] for t in T.tasks) for r in rs]
         chosen = ", ".join(sorted({r.get("chosen", "") for r in rs})) if tuned == "val" else ""
         secs = [r["merge_s"] for r in rs if r.get("merge_s") is not None]
+        if tuned == "default" and (m, k) in kept:
+            tuned = "default (also chosen on val)"
         rows.append([m, k, tuned + (f" ({chosen})" if chosen else "")]
                     + [pm([r["scores"][t] for r in rs]) for t in T.tasks]
                     + [f"**{pm(means)}**", pm(norm), f"{mean(secs):.2f}" if secs else "-"])
@@ -241,15 +245,16 @@ def plot_e1(T: Track, out: Path) -> str:
     except ImportError:
         return ""
     g = grouped([r for r in recs if str(r["k"]) in ("8", "exact", "N models") or not str(r["k"]).isdigit()], lambda r: r["method"])
-    g.update(grouped([r for r in T.exp("E1") if r["tuned"] == "val" and str(r["k"]) in ("8", "exact")],
-                     lambda r: r["method"] + " (tuned)"))
+    g.update(grouped([r for r in T.exp("E1") if r["tuned"] == "val" and r.get("chosen") != "default"
+                      and (str(r["k"]) == "8" or not str(r["k"]).isdigit())],
+                     lambda r: r["method"] + " (tuned: " + r.get("chosen", "") + ")"))
     items = sorted(((m, mean(mean(r["scores"].values()) for r in rs)) for m, rs in g.items()), key=lambda x: x[1])
-    fig, ax = plt.subplots(figsize=(7, 0.3 * len(items) + 1.2))
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(items) + 1.2))
     ax.barh([m for m, _ in items], [v for _, v in items], color="tab:blue")
     for label, method in (("zero-shot", "zero-shot"), ("individual", "individual")):
         d = T.ref(method)
         ax.axvline(mean(mean(v.values()) for v in d.values()), ls="--", color="grey")
-    ax.set_xlabel("test mean accuracy over the tasks (k = r where a rank is chosen)")
+    ax.set_xlabel("test mean accuracy over the tasks (k = r where a rank is chosen)\ndashed: zero-shot (left), individual LoRAs (right)")
     ax.set_xlim(left=max(0.0, min(v for _, v in items) - 0.1))
     fig.tight_layout()
     png = out / f"e1_methods_{T.name}.png"
