@@ -329,3 +329,17 @@ def e2_mixed_task(ctx: Context, lego_default: dict, top: int = 3, n_keys: int = 
         recs.append(ctx.base_record("E2", method=label, split="test", scores=s, merge_s=seconds / len(groups)))
         ctx.log(f"  E2 {label}: {mean(s):.3f}")
     return recs
+
+
+# -- E6, scale probe ----------------------------------------------------------------------------------
+def e6_scale_probe(ctx: Context, lego_default: dict, lambdas=(1.5, 2.0, 3.0)) -> list[dict]:
+    """Validation only: the default LoRA-LEGO with every input weighted λ > 1 (beyond the shared tuning
+    grid), on all tasks and on the 2-task subsets: is the remaining gap one of overall scale?"""
+    recs = []
+    for ts in [s for s in subsets(ctx.tasks, ctx.seed) if len(s) in (len(ctx.tasks), 2)]:
+        for lam in lambdas:
+            m = run_merge([ctx.adapters[t] for t in ts], "lego", ctx.rank, [lam] * len(ts), ctx.seed, **lego_default)
+            s = score(ctx.track, m.deltas, ts, "val")
+            recs.append(ctx.base_record("E6s", lam=lam, tasks=ts, split="val", scores=s))
+            ctx.log(f"  E6 scale probe λ={lam} {','.join(ts)}: {mean(s):.4f}")
+    return recs

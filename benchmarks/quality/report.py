@@ -193,6 +193,18 @@ def section_e6(T: Track) -> str:
             rows.append([str(n), ", ".join(f"{v:.3f}" for v in vals), pm(vals), f"{mean(r['merge_s'] for r in rs):.2f}"])
         parts.append("Stage 3: the winner's k-means restarts (n_init) and k-means seeds (validation mean; n_init = 10 "
                      "includes stage 1's run):\n\n" + table(["n_init", "per k-means seed", "mean ± std", "merge s"], rows))
+    probe = T.exp("E6s")
+    if probe:
+        g = grouped(probe, lambda r: ",".join(r["tasks"]))
+        lams = sorted({r["lam"] for r in probe})
+        rows = []
+        for key, rs in g.items():
+            name = f"all {len(T.tasks)}" if len(rs[0]["tasks"]) == len(T.tasks) else " + ".join(map(short, rs[0]["tasks"]))
+            rows.append([name] + [pm([mean(r["scores"].values()) for r in rs if r["lam"] == lam]) for lam in lams])
+        parts.append("Scale probe (run after the default was chosen; validation): the default LoRA-LEGO with every "
+                     "input weighted λ > 1, i.e. the merged update scaled to λ times the RMS of the inputs' norms "
+                     "(λ = 1 is the default, in the tables above):\n\n"
+                     + table(["task set", *(f"λ={lam}" for lam in lams)], rows))
     return "\n\n".join(parts)
 
 

@@ -95,6 +95,8 @@ def run_track(args, track_name: str) -> None:
                 done = {r.get("method") for r in keep if r["exp"] == "E1"}
                 E.e1_multitask(ctx, default, sink=sink, skip=done)
                 new = []
+            elif exp == "E6s":
+                new = E.e6_scale_probe(ctx, default)
             elif exp == "E2":
                 new = E.e2_mixed_task(ctx, default)
             elif exp == "E3":
