@@ -1,5 +1,6 @@
 """The quality benchmark's smoke mode on the real model and data: 2 tasks, a few training steps. Coarse
-facts only (zero-shot < LoRA-LEGO merge < individual on average; the written adapter reloads in PEFT)."""
+facts only (zero-shot < LoRA-LEGO merge <= individual on average, within noise; the written adapter
+reloads in PEFT)."""
 
 import importlib.util
 import sys

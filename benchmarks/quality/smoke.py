@@ -1,5 +1,6 @@
 """Smoke mode (CI): 2 tasks, few training steps, small splits. Checks only coarse facts: on average
-zero-shot < LoRA-LEGO merge < individual LoRAs, and the merged adapter written to disk reloads in PEFT
+zero-shot < LoRA-LEGO merge <= individual LoRAs (the merge clearly above zero-shot, and not above the
+individual LoRAs by more than sampling noise), and the merged adapter written to disk reloads in PEFT
 and reproduces the update the benchmark scored."""
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import time
 from pathlib import Path
 
 SMOKE_TASKS = ("trec", "sms_spam")
+MARGIN = 0.05  # the merge must beat zero-shot by at least this much on average
+NOISE = 0.02  # and may exceed the individual LoRAs' average by at most this much (sampling noise)
 
 
 def smoke(cache: str | Path | None = None, log=print, steps: int = 40, n_test: int = 100) -> int:
@@ -31,10 +34,11 @@ def smoke(cache: str | Path | None = None, log=print, steps: int = 40, n_test: i
         individual = mean({t: score(track, deltas_of(a), [t], "test")[t] for t, a in zip(SMOKE_TASKS, adapters)})
         merged = merge(adapters, method="lego", seed=0)
         merged_acc = mean(score(track, deltas_of(merged), list(tasks), "test"))
-        log(f"smoke: zero-shot {zero:.3f} < lego merge {merged_acc:.3f} < individual {individual:.3f} ?")
+        log(f"smoke: zero-shot {zero:.3f} < lego merge {merged_acc:.3f} <= individual {individual:.3f} (+{NOISE}) ?")
         out = Path(tmp) / "merged"
         save_adapter(merged, out, warn=None)
-        ok_order = zero < merged_acc < individual
+        # 2 tasks x 100 items: a merge can tie its inputs within sampling noise, it must not clearly beat them
+        ok_order = zero + MARGIN < merged_acc <= individual + NOISE
         ok_peft = _reloads_in_peft(track, out, model_dir())
     log(f"smoke: order {'ok' if ok_order else 'FAILED'}, PEFT reload {'ok' if ok_peft else 'FAILED'} "
         f"({time.perf_counter() - t0:.0f}s)")
