@@ -343,3 +343,68 @@ def e6_scale_probe(ctx: Context, lego_default: dict, lambdas=(1.5, 2.0, 3.0)) ->
             recs.append(ctx.base_record("E6s", lam=lam, tasks=ts, split="val", scores=s))
             ctx.log(f"  E6 scale probe λ={lam} {','.join(ts)}: {mean(s):.4f}")
     return recs
+
+
+# -- E4 ---------------------------------------------------------------------------------------------
+E4_RANKS = {"sms_spam": 4, "movie_sent": 4, "trec": 16, "tweet_sent": 16}
+
+
+def e4_heterogeneous(ctx: Context, lego_default: dict, steps: int, linear_lambda: float | None = None) -> list[dict]:
+    """Task LoRAs of ranks 4 and 16 (E4_RANKS) merged at k = 8, beside the same tasks' rank-8 LoRAs
+    merged the same way. Methods at their defaults; linear also at the λ chosen in E1."""
+    tasks = [t for t in E4_RANKS if t in ctx.tasks]
+    hetero = [load_adapter(ctx.track.train(t, ctx.seed, rank=E4_RANKS[t], steps=steps, log=ctx.log)) for t in tasks]
+    homo = [ctx.adapters[t] for t in tasks]
+    rows = [("lego (default)", "lego", None, lego_default), ("lego (paper config)", "lego", None, dict(PAPER_LEGO)),
+            ("linear", "linear", None, {}), ("ties", "ties", None, {}), ("task_arithmetic", "task_arithmetic", None, {})]
+    if linear_lambda:
+        rows.append((f"linear (λ={linear_lambda}, E1's choice)", "linear", [linear_lambda] * len(tasks), {}))
+    recs = []
+    for label, method, w, opts in rows:
+        if method not in METHODS:
+            continue
+        for kind, adapters in (("ranks " + "/".join(str(E4_RANKS[t]) for t in tasks), hetero), ("all rank 8", homo)):
+            m = run_merge(adapters, method, ctx.rank, w, ctx.seed, **opts)
+            s = score(ctx.track, m.deltas, tasks, "test")
+            recs.append(ctx.base_record("E4", method=label, inputs=kind, k=ctx.rank, split="test", scores=s, merge_s=m.seconds))
+            ctx.log(f"  E4 {label} {kind}: {mean(s):.3f}")
+    for t, a in zip(tasks, hetero):
+        recs.append(ctx.base_record("E4", method="individual", inputs=f"rank {E4_RANKS[t]}", task=t, split="test",
+                                    scores={t: score(ctx.track, deltas_of(a), [t], "test")[t]}))
+    return recs
+
+
+# -- E1 at 2r and 4r --------------------------------------------------------------------------------
+def parse_choice(label: str, n: int) -> tuple[list[float] | None, dict]:
+    """A tuning label ("default", "λ=0.5", "λ=0.5, density=0.8", "default, density=0.5") back to knobs."""
+    weights, opts = None, {}
+    for part in (p.strip() for p in label.split(",")):
+        if part.startswith("λ="):
+            weights = [float(part[2:])] * n
+        elif "=" in part:
+            key, value = part.split("=")
+            opts[key] = float(value)
+    return weights, opts
+
+
+def e1_wider(ctx: Context, lego_default: dict, records: list[dict], multiples=(2, 4),
+             rows=("lego (default)", "ties", "linear", "task_arithmetic")) -> list[dict]:
+    """E1's rows again at k = 2r and 4r, each with the knobs E1 chose on validation at k = r."""
+    adapters = [ctx.adapters[t] for t in ctx.tasks]
+    fixed = {label: opts for label, _, opts in e1_methods(lego_default)}
+    methods = {label: method for label, method, _ in e1_methods(lego_default)}
+    recs = []
+    for label in rows:
+        chosen = [r for r in records if r["exp"] == "E1" and r["seed"] == ctx.seed and r["method"] == label
+                  and r["tuned"] == "val" and r["k"] == ctx.rank]
+        if not chosen or label not in methods:
+            continue
+        weights, opts = parse_choice(chosen[0]["chosen"], len(adapters))
+        for mult in multiples:
+            k = ctx.rank * mult
+            m = run_merge(adapters, methods[label], k, weights, ctx.seed, **fixed[label], **opts)
+            s = score(ctx.track, m.deltas, ctx.tasks, "test")
+            recs.append(ctx.base_record("E1", method=label, k=k, tuned="val", chosen=chosen[0]["chosen"], split="test",
+                                        scores=s, merge_s=m.seconds, wider=True))
+            ctx.log(f"  E1 {label} k={k}: {mean(s):.3f}")
+    return recs

@@ -141,6 +141,24 @@ def section_e3(T: Track) -> str:
     return table(["merge of the other tasks → held-out task", *map(short, T.tasks), "mean"], rows)
 
 
+def section_e4(T: Track) -> str:
+    recs = T.exp("E4")
+    if not recs:
+        return "not run"
+    ind = [r for r in recs if r["method"] == "individual"]
+    merged = [r for r in recs if r["method"] != "individual"]
+    tasks = list(merged[0]["scores"]) if merged else []
+    rows = []
+    if ind:
+        rows.append(["individual LoRAs of those ranks", "-"] + [pm([r["scores"][t] for r in ind if r["task"] == t]) for t in tasks]
+                    + [pm([mean(r["scores"][r["task"]] for r in ind)])])
+    for (m, kind), rs in grouped(merged, lambda r: (r["method"], r["inputs"])).items():
+        rows.append([m, kind] + [pm([r["scores"][t] for r in rs]) for t in tasks] + [f"**{pm([mean(r['scores'].values()) for r in rs])}**"])
+    return ("Merged at k = 8; ranks per task: " + ", ".join(f"{short(t)} r={r}" for t, r in
+            zip(tasks, [int(x) for x in merged[0]["inputs"].split()[1].split("/")])) + ".\n\n"
+            + table(["method", "inputs", *map(short, tasks), "mean"], rows)) if merged else "not run"
+
+
 def section_e5(T: Track) -> str:
     recs = T.exp("E5")
     if not recs:
@@ -324,6 +342,7 @@ def write_report(here: Path, log=print) -> Path:
                   "of 100 of its training items); the 3 closest task LoRAs are merged and the input is scored "
                   "with its own task's head.", "", section_e2(T), "",
                   "### E3 out-of-domain: merge the other tasks, score the held-out one", "", section_e3(T), "",
+                  "### E4 heterogeneous ranks", "", section_e4(T), "",
                   "### E5 pruning one LoRA (retention = pruned / original accuracy on its task)", "", section_e5(T), "",
                   "### E6 ablations (validation split only)", "", section_e6(T), "",
                   "### E7 rank sweep", "", section_e7(T, here), ""]

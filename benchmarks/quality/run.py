@@ -97,6 +97,12 @@ def run_track(args, track_name: str) -> None:
                 new = []
             elif exp == "E6s":
                 new = E.e6_scale_probe(ctx, default)
+            elif exp == "E1x":
+                records = [r for r in records if not (r["exp"] == "E1" and r.get("wider") and r["seed"] == seed)]
+                new = E.e1_wider(ctx, default, records)
+            elif exp == "E4":
+                lin = linear_choice(records, track_name, seed)
+                new = E.e4_heterogeneous(ctx, default, steps, lin["weights"][0] if lin else None)
             elif exp == "E2":
                 new = E.e2_mixed_task(ctx, default)
             elif exp == "E3":
