@@ -317,6 +317,8 @@ def write_report(here: Path, log=print) -> Path:
         lines += [notes.read_text().strip(), ""]
     for T in tracks:
         exps = sorted({r["exp"] for r in T.records if r["exp"] not in ("ref", "tune")})
+        if any(r.get("wider") for r in T.records):
+            exps.append("E1x")
         cmd = COMMANDS[T.name].format(seeds=len(T.seeds), exps=",".join(exps))
         refs = [r for r in T.records if r["exp"] == "ref" and r.get("sizes")]
         sizes = ""
@@ -325,7 +327,11 @@ def write_report(here: Path, log=print) -> Path:
             sizes = (f"; {min(v['test'] for v in sz.values())} test and {min(v['val'] for v in sz.values())} "
                      "validation items per task, the training pool disjoint from both")
         lines += [f"## {T.name.capitalize()} track", "", TRACK_INFO[T.name].rstrip(";") + sizes + ".", "",
-                  f"Seeds run: {', '.join(map(str, T.seeds))}. Command: `{cmd}`.", "",
+                  f"Seeds run: {', '.join(map(str, T.seeds))}. Command: `{cmd}` (E6 first: it chose the "
+                  "LoRA-LEGO default that the later experiments use as `lego (default)`; the results in this file "
+                  "came from runs of that command split into `--experiments E6`, then `E1,E0,E5,E3,E7`, then "
+                  "`E2,E6s`, then `E1x,E4`, each adding its records to the results file). Test and validation sizes "
+                  "are the command's defaults (`--n-test 200 --n-val 100`).", "",
                   "### Reference: zero-shot base model and each task's own LoRA", "", section_reference(T), "",
                   "### E0 permutation merging (paper's Table 1)", "",
                   "Each task LoRA merged with a copy of itself whose rank units are permuted; accuracy on that task.", "",

@@ -1,7 +1,7 @@
 """Driver: train (or reuse) the task LoRAs, run the experiments, keep every measurement in
 results/<track>.json, and write RESULTS.md and the plots from what is there.
 
-    python -m benchmarks.quality.run                      # encoder track, seed 0, E0 E1 E3 E5 E6 E7
+    python -m benchmarks.quality.run                      # encoder track, seed 0, every experiment
     SEEDS=3 make bench-quality                            # seeds 0..2
     python -m benchmarks.quality.run --smoke              # 2 tasks, few steps, coarse checks only
     python -m benchmarks.quality.run --report             # rewrite RESULTS.md from results/*.json
@@ -133,7 +133,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--track", default="encoder", choices=["encoder", "decoder", "both"])
     p.add_argument("--seeds", type=int, default=int(os.environ.get("SEEDS", "1")))
-    p.add_argument("--experiments", default="E0,E5,E6,E1,E3,E7")
+    p.add_argument("--experiments", default="E6,E1,E0,E5,E3,E7,E2,E6s,E1x,E4",
+                   help="comma-separated, run in this order (E6s: E6's scale probe; E1x: E1 at 2r and 4r)")
     p.add_argument("--tasks", default="", help="comma-separated task names (default: the track's)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--steps", type=int, default=0)
