@@ -28,7 +28,9 @@ def load_results(path: Path) -> list[dict]:
 
 
 def store(path: Path, records: list[dict], new: list[dict], replace: dict) -> list[dict]:
-    """Replace the records that match ``replace`` (exp, track, seed) by ``new`` and save atomically."""
+    """Replace the records that match ``replace`` (exp, track, seed) by ``new`` and save atomically. The
+    file is read again first, so that records another run wrote meanwhile are kept."""
+    records = load_results(path) if path.exists() else records
     keep = [r for r in records if not all(r.get(k) == v for k, v in replace.items())]
     out = keep + new
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +100,7 @@ def run_track(args, track_name: str) -> None:
             elif exp == "E6s":
                 new = E.e6_scale_probe(ctx, default)
             elif exp == "E1x":
-                records = [r for r in records if not (r["exp"] == "E1" and r.get("wider") and r["seed"] == seed)]
+                records = store(path, records, [], dict(exp="E1", track=track_name, seed=seed, wider=True))
                 new = E.e1_wider(ctx, default, records)
             elif exp == "E4":
                 lin = linear_choice(records, track_name, seed)
