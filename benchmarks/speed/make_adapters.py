@@ -38,9 +38,11 @@ def llama_shapes(hidden: int = 4096, intermediate: int = 11008, layers: int = 32
 
 
 def write_adapter(path: Path, shapes: dict[str, tuple[int, int]], rank: int, seed: int,
-                  dtype: torch.dtype = torch.float16, alpha: float | None = None) -> Path:
+                  dtype: torch.dtype = torch.float16, alpha: float | None = None, **config_extra) -> Path:
+    """One adapter with every module of ``shapes``; ``config_extra`` goes into adapter_config.json."""
     path = Path(path)
-    spec = {"shapes": {k: list(v) for k, v in shapes.items()}, "rank": rank, "seed": seed, "dtype": str(dtype)}
+    spec = {"shapes": {k: list(v) for k, v in shapes.items()}, "rank": rank, "seed": seed, "dtype": str(dtype),
+            "config": config_extra}
     marker = path / "synthetic.json"
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return path
@@ -54,7 +56,7 @@ def write_adapter(path: Path, shapes: dict[str, tuple[int, int]], rank: int, see
     config = {
         "peft_type": "LORA", "r": rank, "lora_alpha": alpha if alpha is not None else 2 * rank,
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n in shapes}), "lora_dropout": 0.0,
-        "base_model_name_or_path": "synthetic-llama", "task_type": "CAUSAL_LM", "bias": "none",
+        "base_model_name_or_path": "synthetic-llama", "task_type": "CAUSAL_LM", "bias": "none", **config_extra,
     }
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
     marker.write_text(json.dumps(spec))

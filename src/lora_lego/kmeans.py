@@ -68,11 +68,12 @@ def _plus_plus(G: torch.Tensor, diag: torch.Tensor, u: torch.Tensor, k: int) -> 
     chosen[:, :, 0] = first
     active[:, :, 0] = True
 
+    # every pairwise squared distance at once (m x n x n): the loop below then only indexes rows
+    scale = diag[:, :, None] + diag[:, None, :]
+    D = _zero_round_off((scale - 2.0 * G).clamp_min_(0.0), scale)
+
     def dist_to(idx: torch.Tensor) -> torch.Tensor:  # idx (m x R x t) -> (m x R x t x n)
-        g_rows = G[rows[:, :, None], idx]  # (m x R x t x n): inner products of the candidates with every point
-        g_cc = diag.gather(1, idx.reshape(m, -1)).reshape(idx.shape)
-        scale = diag[:, None, None, :] + g_cc[..., None]
-        return _zero_round_off((scale - 2.0 * g_rows).clamp_min_(0.0), scale)
+        return D[rows[:, :, None], idx]
 
     closest = dist_to(first[:, :, None])[:, :, 0]  # (m x R x n)
     for s in range(1, k):
