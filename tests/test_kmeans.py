@@ -124,19 +124,21 @@ def test_batched_modules_give_the_same_result_as_one_at_a_time():
 
 
 def test_an_empty_cluster_is_reseeded_with_the_point_farthest_from_its_centre():
+    import numpy as np
+
     from lora_lego.kmeans import _lloyd
 
-    X = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [5.0, 0.0], [5.1, 0.0], [9.0, 0.0]])
-    G = gram_matrix(X)[None]
-    W0 = torch.zeros(1, 1, 3, 6)
+    X = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [5.0, 0.0], [5.1, 0.0], [9.0, 0.0]], dtype=torch.float64)
+    G = gram_matrix(X).numpy()[None]
+    W0 = np.zeros((1, 1, 3, 6))
     W0[0, 0, 0, 0] = 1.0  # centre 0 on x0
     W0[0, 0, 1, 3] = 1.0  # centre 1 on x3
     W0[0, 0, 2, 3] = -20.0  # centre 2 far from every point: its cluster starts empty
-    W, labels, inertia = _lloyd(G, G.diagonal(dim1=1, dim2=2), W0, torch.ones(1, 1, 3, dtype=torch.bool), 100,
-                                torch.zeros(1, 1))
+    W, labels, inertia = _lloyd(G, np.diagonal(G, axis1=1, axis2=2), W0, np.ones((1, 1, 3), dtype=bool), 100,
+                                np.zeros((1, 1)), 1e-12)
     # (9, 0), 4 away from centre 1, was the farthest point: it alone re-seeds cluster 2
     assert labels[0, 0].tolist() == [0, 0, 0, 1, 1, 2]
-    assert torch.allclose(W[0, 0] @ X, torch.tensor([[1 / 30, 1 / 30], [5.05, 0.0], [9.0, 0.0]]))
+    assert torch.allclose(torch.from_numpy(W[0, 0]) @ X, torch.tensor([[1 / 30, 1 / 30], [5.05, 0.0], [9.0, 0.0]], dtype=torch.float64))
 
 
 def test_fewer_distinct_points_than_k_are_found_by_the_initialisation():

@@ -9,6 +9,7 @@ main:    8 synthetic Llama-2-7B adapters (rank 16, fp16, 7 projections x 32 laye
 peft:    PEFT add_weighted_adapter (svd, cat) on a 2-layer model with the same dimensions, per module,
          against lora-lego on the same adapters (benchmarks/speed/peft_compare.py).
 scaling: time and peak RSS against the number of adapters, the rank and the hidden size (4 layers).
+ties:    ties (dense ΔW per input, minutes per module here) with lego and linear on one layer of the set.
 report:  RESULTS.md and the plots from the JSON files present (the other steps end with it too).
 Adapters are generated under benchmarks/speed/data/ (git-ignored) on first use.
 """
@@ -88,16 +89,34 @@ def run_configs(configs: dict[str, list[str]], reps: int, threads: int, label: s
 
 def main_set(reps: int, threads_list: list[int]) -> None:
     inputs = make_set(DATA / "llama7b-r16", 8)
-    methods = [m for m in ("lego", "linear", "ties", "concat") if m in available_methods()]
+    # ties forms every dense ΔW and trims it (minutes per module here): it is measured on one layer (ties step)
+    methods = [m for m in ("lego", "linear", "concat") if m in available_methods()]
     configs = {"floor": floor_cmd(inputs, SCRATCH, 16), "floor-bare": floor_cmd(inputs, SCRATCH, 16, bare=True)}
     for m in methods:
         configs[m] = merge_cmd(inputs, m, SCRATCH, 16 if m != "concat" else None)
     configs["floor-r128"] = floor_cmd(inputs, SCRATCH, 128)  # concat's output: rank 8 x 16
-    result = {"what": "8 x Llama-2-7B shapes, rank 16, fp16, 224 modules", "reps": reps, "by_threads": {}}
+    result = _load_json("main") or {"by_threads": {}}  # other thread counts measured before are kept
+    result.update(what="8 x Llama-2-7B shapes, rank 16, fp16, 224 modules", reps=reps)
     for t in threads_list:
         result["by_threads"][str(t)] = run_configs(configs, reps, t, "main")
-    result["machine"] = machine()
-    save("main", result)
+        result["machine"] = machine()
+        save("main", result)
+
+
+def ties_layer(reps: int, threads: int) -> None:
+    """ties, which forms and trims every dense ΔW, on one layer (7 modules) of 8 Llama-2-7B adapters."""
+    inputs = make_set(DATA / "llama7b-1layer-r16", 8, layers=1)
+    configs = {"floor": floor_cmd(inputs, SCRATCH, 16)}
+    for m in ("lego", "linear", "ties"):
+        configs[m] = merge_cmd(inputs, m, SCRATCH, 16)
+    result = {"what": "8 x one layer of Llama-2-7B shapes (7 modules), rank 16, fp16", "reps": reps,
+              "by_threads": {str(threads): run_configs(configs, reps, threads, "ties")}, "machine": machine()}
+    save("ties", result)
+
+
+def _load_json(name: str):
+    p = RESULTS / f"{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
 
 
 def scaling(reps: int, threads: int) -> None:
@@ -140,9 +159,10 @@ def save(name: str, data: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("steps", nargs="*", default=["main", "peft", "scaling", "report"])
+    p.add_argument("steps", nargs="*", default=["main", "peft", "scaling", "ties", "report"])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--scaling-reps", type=int, default=3)
+    p.add_argument("--ties-reps", type=int, default=1)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--peft-modules", default="q_proj,down_proj",
                    help="projections of layer 0 that PEFT's svd merges (each takes minutes on 2 cores)")
@@ -153,6 +173,8 @@ def main() -> None:
         peft(args.threads[0], args.peft_modules)
     if "scaling" in args.steps:
         scaling(args.scaling_reps, args.threads[0])
+    if "ties" in args.steps:
+        ties_layer(args.ties_reps, args.threads[0])
     from report import write_report
 
     write_report(RESULTS, HERE)

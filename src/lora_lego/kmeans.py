@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -38,8 +39,9 @@ class GramKMeansResult:
     inertia: float
 
 
-# Distances below this many float epsilons of |x_i|^2 + |x_j|^2 are round-off of the Gram formula: the
-# points coincide. Exact duplicates then count as one point, as they would with exact differences.
+# Distances below this many float epsilons (of the Gram matrix's dtype) of |x_i|^2 + |x_j|^2 are round-off
+# of the Gram formula: the points coincide. Exact duplicates then count as one point, as they would with
+# exact differences.
 _COINCIDE_EPS = 64
 
 
@@ -48,118 +50,108 @@ def gram_matrix(X: torch.Tensor) -> torch.Tensor:
     return X @ X.T
 
 
-def _zero_round_off(d: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _zero_round_off(d: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
     """Clamp squared distances at 0 and set those within round-off of ``scale`` (|x|^2 + |c|^2) to 0."""
-    eps = _COINCIDE_EPS * torch.finfo(d.dtype).eps
-    return d.masked_fill_(d <= eps * scale, 0.0)
+    d = np.maximum(d, 0.0)
+    d[d <= eps * scale] = 0.0
+    return d
 
 
-def _plus_plus(G: torch.Tensor, diag: torch.Tensor, u: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy k-means++ for a batch: G (m x n x n), diag (m x n), u (m x R x k x t) uniforms in [0, 1)
-    for R restarts, t local trials. Returns the chosen point indices (m x R x k) and which of them are
-    real centres (m x R x k): once every point coincides with a chosen one, no further centre is taken
-    (fewer distinct points than k), and those slots stay inactive."""
+def _plus_plus(D: np.ndarray, u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy k-means++ for a batch: D (m x n x n) pairwise squared distances, u (m x R x k x t) uniforms in
+    [0, 1) for R restarts and t local trials. Returns the chosen point indices (m x R x k) and which of them
+    are real centres: once every point coincides with a chosen one (fewer distinct points than k), no
+    further centre is taken and the remaining slots stay inactive."""
     m, R, _, t = u.shape
-    n = diag.shape[1]
-    rows = torch.arange(m, device=G.device)[:, None]  # (m x 1): module of each batch element
-    chosen = torch.zeros(m, R, k, dtype=torch.long, device=G.device)
-    active = torch.zeros(m, R, k, dtype=torch.bool, device=G.device)
-    first = (u[:, :, 0, 0] * n).long().clamp_max(n - 1)  # (m x R)
+    n = D.shape[1]
+    mods = np.arange(m)[:, None, None]  # module of each batch element
+    chosen = np.zeros((m, R, k), dtype=np.int64)
+    active = np.zeros((m, R, k), dtype=bool)
+    first = np.minimum((u[:, :, 0, 0] * n).astype(np.int64), n - 1)
     chosen[:, :, 0] = first
     active[:, :, 0] = True
-
-    # every pairwise squared distance at once (m x n x n): the loop below then only indexes rows
-    scale = diag[:, :, None] + diag[:, None, :]
-    D = _zero_round_off((scale - 2.0 * G).clamp_min_(0.0), scale)
-
-    def dist_to(idx: torch.Tensor) -> torch.Tensor:  # idx (m x R x t) -> (m x R x t x n)
-        return D[rows[:, :, None], idx]
-
-    closest = dist_to(first[:, :, None])[:, :, 0]  # (m x R x n)
+    closest = D[mods[:, :, 0], first]  # (m x R x n)
     for s in range(1, k):
-        cum = closest.double().cumsum(-1)
+        cum = np.cumsum(closest, axis=-1)
         total = cum[..., -1]
-        live = total > 0  # (m x R)
-        if not bool(live.any()):
+        live = total > 0
+        if not live.any():
             break
-        # inverse-CDF sampling of t candidates with probability proportional to `closest`; the target
-        # stays below the total so that it lands on a point with positive weight
-        target = torch.minimum(u[:, :, s, :].double() * total[..., None], torch.nextafter(total, torch.zeros_like(total))[..., None])
-        cand = torch.searchsorted(cum, target, right=True).clamp_max_(n - 1)  # (m x R x t)
-        new_closest = torch.minimum(closest[:, :, None, :], dist_to(cand))  # (m x R x t x n)
-        best = new_closest.sum(-1).argmin(-1)  # (m x R): the candidate that lowers the potential most
-        chosen[:, :, s] = cand.gather(-1, best[..., None])[..., 0]
+        # inverse-CDF sampling of t candidates with probability proportional to `closest`; the target stays
+        # below the total so that it lands on a point of positive weight
+        target = np.minimum(u[:, :, s, :] * total[..., None], np.nextafter(total, 0.0)[..., None])
+        cand = np.minimum((cum[:, :, None, :] <= target[..., None]).sum(-1), n - 1)  # (m x R x t)
+        new_closest = np.minimum(closest[:, :, None, :], D[mods, cand])  # (m x R x t x n)
+        best = new_closest.sum(-1).argmin(-1)  # the candidate that lowers the potential most
+        chosen[:, :, s] = np.take_along_axis(cand, best[..., None], -1)[..., 0]
         active[:, :, s] = live
-        picked = new_closest.gather(2, best[:, :, None, None].expand(m, R, 1, n))[:, :, 0]
-        closest = torch.where(live[..., None], picked, closest)
+        picked = np.take_along_axis(new_closest, best[..., None, None], 2)[:, :, 0]
+        closest = np.where(live[..., None], picked, closest)
     return chosen, active
 
 
-def _assign(G: torch.Tensor, diag: torch.Tensor, W: torch.Tensor, active: torch.Tensor):
+def _assign(G: np.ndarray, diag: np.ndarray, W: np.ndarray, active: np.ndarray, eps: float):
     """Squared distances of every point to every centre (m x R x k x n), from the membership weights W
-    (m x R x k x n); inactive centres are at +inf. Also returns the products S = W G."""
+    (m x R x k x n); inactive centres are at +inf. Also returns S = W G and |c_j|^2."""
     m, R, k, n = W.shape
-    S = torch.bmm(W.reshape(m, R * k, n), G).reshape(m, R, k, n)  # S[j, i] = c_j . x_i
-    cc = (S * W).sum(-1)  # |c_j|^2
+    S = np.matmul(W.reshape(m, R * k, n), G).reshape(m, R, k, n)  # S[j, i] = c_j . x_i
+    cc = (S * W).sum(-1)
     scale = diag[:, None, None, :] + cc[..., None]
-    d = _zero_round_off((scale - 2.0 * S).clamp_min_(0.0), scale)
-    return d.masked_fill_(~active[..., None], math.inf), S, cc
+    d = _zero_round_off(scale - 2.0 * S, scale, eps)
+    d[~active] = np.inf
+    return d, S, cc
 
 
-def _memberships(labels: torch.Tensor, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _memberships(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Membership weights (... x k x n), 1/|cluster| on each member, and the cluster sizes (... x k)."""
-    onehot = torch.nn.functional.one_hot(labels, k).transpose(-1, -2).to(dtype)
+    onehot = np.swapaxes(np.eye(k)[labels], -1, -2)
     counts = onehot.sum(-1)
-    return onehot / counts.clamp_min(1)[..., None], counts
+    return onehot / np.maximum(counts, 1)[..., None], counts
 
 
-def _reseed_empty(min_d: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor, empty: list[int]) -> None:
+def _reseed_empty(min_d: np.ndarray, labels: np.ndarray, counts: np.ndarray, empty: list[int]) -> None:
     """Give each empty cluster (in order) the point farthest from its centre among those whose cluster
-    keeps at least one member; modifies ``labels`` and ``counts`` of one restart in place."""
-    order = min_d.argsort(descending=True, stable=True).tolist()
-    lab = labels.tolist()
-    cnt = counts.long().tolist()
+    keeps at least one member; modifies ``labels`` of one restart in place."""
+    order = np.argsort(-min_d, kind="stable").tolist()
+    cnt = counts.astype(np.int64).tolist()
     taken = set()
-    for j, idx in zip(empty, (i for i in order if cnt[lab[i]] > 1 and i not in taken)):
+    for j, idx in zip(empty, (i for i in order if cnt[labels[i]] > 1 and i not in taken)):
         taken.add(idx)
-        cnt[lab[idx]] -= 1
-        lab[idx] = j
+        cnt[labels[idx]] -= 1
+        labels[idx] = j
         cnt[j] = 1
-    labels.copy_(torch.tensor(lab, device=labels.device))
 
 
-def _lloyd(G: torch.Tensor, diag: torch.Tensor, W: torch.Tensor, active: torch.Tensor, max_iter: int,
-           tol: torch.Tensor):
+def _lloyd(G: np.ndarray, diag: np.ndarray, W: np.ndarray, active: np.ndarray, max_iter: int, tol: np.ndarray,
+           eps: float):
     """Lloyd iterations for a batch of restarts, each frozen once its labels stop changing or its centres
     move by at most ``tol`` (m x 1). Returns the final membership weights, labels and inertia per restart."""
     m, R, k, n = W.shape
     labels = None
-    done = torch.zeros(m, R, dtype=torch.bool, device=G.device)
-    d, S, cc = _assign(G, diag, W, active)
+    done = np.zeros((m, R), dtype=bool)
+    d, S, cc = _assign(G, diag, W, active, eps)
     for _ in range(max_iter):
-        min_d, new_labels = d.min(2)  # (m x R x n)
-        W_new, counts = _memberships(new_labels, k, G.dtype)
+        new_labels = d.argmin(2)  # (m x R x n), the first of equally near centres
+        W_new, counts = _memberships(new_labels, k)
         empty = active & (counts == 0) & ~done[..., None]
-        if bool(empty.any()):
-            for b in empty.any(-1).nonzero().tolist():
-                i, r = b
-                _reseed_empty(min_d[i, r], new_labels[i, r], counts[i, r], empty[i, r].nonzero().flatten().tolist())
-            W_new, counts = _memberships(new_labels, k, G.dtype)
-        d_new, S_new, cc_new = _assign(G, diag, W_new, active)
+        if empty.any():
+            min_d = d.min(2)
+            for i, r in zip(*np.nonzero(empty.any(-1))):
+                _reseed_empty(min_d[i, r], new_labels[i, r], counts[i, r], np.nonzero(empty[i, r])[0].tolist())
+            W_new, counts = _memberships(new_labels, k)
+        d_new, S_new, cc_new = _assign(G, diag, W_new, active, eps)
         # |c_new - c_old|^2 per centre, from products already at hand
-        shift = (cc_new - 2.0 * (S_new * W).sum(-1) + cc).masked_fill_(~active, 0.0).clamp_min_(0.0).sum(-1)
+        shift = np.where(active, cc_new - 2.0 * (S_new * W).sum(-1) + cc, 0.0).clip(min=0.0).sum(-1)
         keep = done[..., None, None]
-        W = torch.where(keep, W, W_new)
-        d = torch.where(keep, d, d_new)
-        S = torch.where(keep, S, S_new)
-        cc = torch.where(done[..., None], cc, cc_new)
-        same = torch.zeros_like(done) if labels is None else (labels == new_labels).all(-1)
-        labels = new_labels if labels is None else torch.where(done[..., None], labels, new_labels)
+        W = np.where(keep, W, W_new)
+        d = np.where(keep, d, d_new)
+        cc = np.where(done[..., None], cc, cc_new)
+        same = np.zeros_like(done) if labels is None else (labels == new_labels).all(-1)
+        labels = new_labels if labels is None else np.where(done[..., None], labels, new_labels)
         done = done | same | (shift <= tol)
-        if bool(done.all()):
+        if done.all():
             break
-    min_d, labels = d.min(2)
-    return W, labels, min_d.sum(-1)
+    return W, d.argmin(2), d.min(2).sum(-1)
 
 
 def kmeans_gram(G: torch.Tensor, k: int, *, generators: Sequence[torch.Generator], n_init: int = 10,
@@ -182,23 +174,31 @@ def kmeans_gram(G: torch.Tensor, k: int, *, generators: Sequence[torch.Generator
         return [GramKMeansResult(eye, torch.arange(n, device=G.device), 0.0) for _ in range(m)]
     R = max(1, n_init)
     t = 2 + int(math.log(k))
-    u = torch.stack([torch.rand(R, k, t, generator=g, device=G.device, dtype=torch.float64) for g in generators])
-    diag = G.diagonal(dim1=1, dim2=2).contiguous()
-    chosen, active = _plus_plus(G, diag, u, k)
-    W0 = torch.nn.functional.one_hot(chosen, n).to(G.dtype)  # each centre starts on its chosen point
-    scale = (diag.sum(1) / n).clamp_min(1e-30)
-    W, labels, inertia = _lloyd(G, diag, W0, active, max_iter, (tol * scale)[:, None])
+    u = torch.stack([torch.rand(R, k, t, generator=g, device=g.device, dtype=torch.float64) for g in generators])
+    # the clustering itself works on n x n matrices: a few hundred points whatever the data's width, so it
+    # runs on the CPU in float64 (numpy: small operations cost microseconds), on any device's Gram matrix
+    eps = _COINCIDE_EPS * torch.finfo(G.dtype).eps
+    G64 = G.detach().to("cpu", torch.float64).numpy()
+    diag = np.ascontiguousarray(np.diagonal(G64, axis1=1, axis2=2))
+    scale = diag[:, :, None] + diag[:, None, :]
+    D = _zero_round_off(scale - 2.0 * G64, scale, eps)  # every pairwise squared distance
+    chosen, active = _plus_plus(D, u.cpu().numpy(), k)
+    W0 = np.eye(n)[chosen]  # each centre starts on its chosen point
+    mean_sq = np.maximum(diag.sum(1) / n, 1e-30)
+    W, labels, inertia = _lloyd(G64, diag, W0, active, max_iter, (tol * mean_sq)[:, None], eps)
     best = inertia.argmin(1)  # the first restart of lowest inertia
     out = []
     for i in range(m):
         b = int(best[i])
         w, lab = W[i, b], labels[i, b]
-        used = torch.bincount(lab, minlength=k) > 0
-        if not bool(used.all()):
+        used = np.bincount(lab, minlength=k) > 0
+        if not used.all():
             # drop clusters left empty by the final assignment (and inactive ones) and renumber labels
-            remap = torch.cumsum(used.long(), 0) - 1
+            remap = np.cumsum(used) - 1
             w, lab = w[used], remap[lab]
-        out.append(GramKMeansResult(w, lab, float(inertia[i, b])))
+        out.append(GramKMeansResult(torch.from_numpy(np.ascontiguousarray(w)).to(G.device, G.dtype),
+                                    torch.from_numpy(np.ascontiguousarray(lab)).to(G.device),
+                                    float(inertia[i, b])))
     return out
 
 
