@@ -236,8 +236,7 @@ def save_peft(adapter: Adapter, path: Path, *, metadata: dict[str, str] | None =
             tensors[f"{PREFIX}{name}.lora_A.weight"] = A
             tensors[f"{PREFIX}{name}.lora_B.weight"] = B
     dtype = store_dtype(tensors.values(), adapter.dtype, path, warn)
-    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
     config = peft_output_config(adapter, template)
     (Path(path) / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    write_safetensors(Path(path) / SAFETENSORS_NAME, tensors, {"format": "pt", **(metadata or {})})
+    write_safetensors(Path(path) / SAFETENSORS_NAME, tensors, {"format": "pt", **(metadata or {})}, dtype=dtype)
     return dtype

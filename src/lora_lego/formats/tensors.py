@@ -174,10 +174,12 @@ def store_dtype(tensors, wanted: torch.dtype, path: object, warn=None) -> torch.
 _DTYPE_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                      dtype: torch.dtype | None = None) -> None:
     """Write a safetensors file with a deterministic header (sorted keys, metadata first), so that the
     same tensors and metadata always give the same bytes; the safetensors library orders metadata by a
-    hash map and does not. Tensors are written one at a time."""
+    hash map and does not. Tensors are converted to ``dtype`` (if given) and written one at a time, so
+    that no second copy of the whole output is ever held."""
     import json
 
     header: dict[str, object] = {}
@@ -187,8 +189,9 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     names = sorted(tensors)
     for name in names:
         t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        store = dtype or t.dtype
+        nbytes = t.numel() * _itemsize(store)
+        header[name] = {"dtype": _DTYPE_NAMES[store], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
@@ -196,6 +199,6 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for name in names:
-            t = tensors[name].detach().to("cpu").contiguous()
+            t = tensors[name].detach().to("cpu", dtype or tensors[name].dtype).contiguous()
             if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
