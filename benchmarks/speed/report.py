@@ -31,7 +31,8 @@ def main_table(main: dict) -> tuple[list[str], dict]:
     lines = []
     summary = {}
     for t, runs in main["by_threads"].items():
-        lines += [f"**OMP_NUM_THREADS={t}** ({main['reps']} rounds, alternating; median wall time, median of the "
+        reps = len(next(iter(runs.values())))
+        lines += [f"**OMP_NUM_THREADS={t}** ({reps} rounds, alternating; median wall time, median of the "
                   "per-round ratios to the I/O floor of the same round; peak RSS as /usr/bin/time -v reports it)", "",
                   "| process | wall time (s) | / I/O floor | peak RSS (MB) | load avg during runs |",
                   "|---|---|---|---|---|"]
@@ -156,6 +157,7 @@ def plot_scaling(sc: dict, out: Path) -> None:
 
 def write_report(results: Path, out: Path) -> None:
     main, peft, sc = _load(results, "main"), _load(results, "peft"), _load(results, "scaling")
+    ties = _load(results, "ties")
     md = ["# Speed and memory: results", "",
           "Written by `python benchmarks/speed/run.py` (see its docstring); the raw numbers are in `results/*.json`. "
           "Every figure below was measured on the machine named at the end, which **other work shared** while it "
@@ -172,6 +174,11 @@ def write_report(results: Path, out: Path) -> None:
                "`floor-r128` writes concat's 8x larger output. Output rank 16 for lego, linear and ties; "
                "concat is exact at rank 128. Inputs are in the page cache (warm), the harder case for the ratio.", "",
                *lines, "![main](main.png)", ""]
+    if ties:
+        lines, _ = main_table(ties)
+        md += ["## ties, on one layer", "",
+               f"{ties['what']}: ties forms every input's dense ΔW and trims it by magnitude, so it is "
+               "measured on one layer only, beside lego and linear on the same inputs and the floor.", "", *lines]
     if peft:
         plot_peft(peft, out)
         md += ["## Against PEFT add_weighted_adapter", "", *peft_table(peft), "![peft](peft.png)", ""]

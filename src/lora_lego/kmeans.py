@@ -1,10 +1,14 @@
-"""k-means in torch, on any device, from the Gram matrix of the points.
+"""k-means from the Gram matrix of the points: the data on any torch device, the clustering on n x n arrays.
 
 Every step of k-means needs only inner products between points: a centre is a mean of points, so
 |x_i - c_j|^2 = G_ii - 2 (w_j G)_i + w_j G w_jᵀ, with G = X Xᵀ (n x n) and w_j the row of membership
 weights (1/|cluster| on its members). One Gram matrix per module, computed once from the data, makes every
 later iteration cost O(n^2 k) instead of O(n k d): with LoRA units n = N r is a few hundred while
 d = d_in + d_out is tens of thousands. The centres themselves are formed once, at the end, as W X.
+
+The products X Xᵀ and W X run where X is (``--device``); the clustering in between touches only n x n
+matrices, so it runs on the CPU in float64 with numpy, whose small operations cost microseconds where
+a torch call costs tens (a few hundred of them per module).
 
 Greedy k-means++ initialisation, several restarts keeping the lowest inertia, empty clusters re-seeded
 with the point farthest from its centre. Restarts run side by side as one batch, and ``kmeans_gram``
