@@ -36,7 +36,7 @@ def test_force_replaces_whole_and_without_force_refuses(tmp_path):
         save_adapter(ad, out)
     assert (out / "old.txt").exists()
     save_adapter(ad, out, force=True)
-    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(out)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "out"]
 
 

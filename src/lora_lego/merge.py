@@ -12,6 +12,7 @@ import torch
 from . import __version__
 from .adapter import Adapter, Factors, ModuleSpec, widest_dtype
 from .errors import LoraLegoError
+from .formats.names import check_qkv_layouts
 from .methods import MergeMethod, get_method
 
 ProgressFn = Callable[[int, int, str], None]
@@ -91,6 +92,7 @@ def merge(
         raise LoraLegoError("--weights must be finite numbers")
     dev = resolve_device(device)
     _check_compatible_configs(adapters)
+    check_qkv_layouts(adapters)
 
     names: list[str] = []
     seen = set()
