@@ -93,4 +93,7 @@ def convert(adapter: Adapter, target: str) -> Adapter:
     modules = {rename[n]: dataclasses.replace(s, name=rename[n]) for n, s in adapter.modules.items()}
     back = {v: k for k, v in rename.items()}
     loader = adapter.loader
-    return dataclasses.replace(adapter, modules=modules, loader=lambda name: loader(back[name]), format=target)
+    # settings private to the source format (kohya's ss_* header, diffusers' header) do not carry over
+    config = {k: v for k, v in adapter.config.items() if not k.startswith(f"{source}_")}
+    return dataclasses.replace(adapter, modules=modules, loader=lambda name: loader(back[name]), format=target,
+                               config=config)

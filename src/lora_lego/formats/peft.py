@@ -184,6 +184,13 @@ def _strip_prefix(name: str) -> str:
     return name[len(PREFIX):] if name.startswith(PREFIX) else name
 
 
+def _target_name(name: str) -> str:
+    """The module's last name, or its last two where the last is an index (``to_out.0``): PEFT matches a
+    target against the end of a module's name, and a bare "0" would match whole blocks."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
 def peft_output_config(adapter: Adapter, template: dict[str, Any] | None = None) -> dict[str, Any]:
     """The adapter_config.json for writing ``adapter`` with the scale folded into B: alpha = r for every
     module (scale 1, so runtimes with a single scale, like vLLM, read the same ΔW), rank_pattern and
@@ -210,7 +217,7 @@ def peft_output_config(adapter: Adapter, template: dict[str, Any] | None = None)
     if adapter.base_model is not None:
         config["base_model_name_or_path"] = adapter.base_model
     target = config.get("target_modules")
-    leaves = sorted({name.rsplit(".", 1)[-1] for name in adapter.modules})
+    leaves = sorted({_target_name(name) for name in adapter.modules})
     if isinstance(target, list):
         config["target_modules"] = sorted(set(target) | set(leaves))
     elif not isinstance(target, str):
