@@ -11,15 +11,17 @@ from typing import Any
 
 import torch
 
-from ..adapter import Adapter, Factors, ModuleSpec
+from ..adapter import Adapter, ModuleSpec
 from ..errors import LoraLegoError
 from .detect import refuse_unsupported
 from .names import COMPONENTS, split_component
 from .peft import lora_scale, module_rank_alpha
-from .tensors import TensorSource, check_finite, read_safetensors_metadata
+from .common import factor_layout, factor_loader
+from .tensors import TensorSource, read_safetensors_metadata
 
 METADATA_KEY = "lora_adapter_metadata"
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+_NAMES = ("lora_A", "lora_B")
 _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
 
 
@@ -78,17 +80,7 @@ def load_diffusers(path: Path) -> Adapter:
         if set(roles) != {"A", "B"}:
             missing = ({"A", "B"} - set(roles)).pop()
             raise LoraLegoError(f"has lora_{missing} missing", path=path, module=name)
-        a_shape, b_shape = source.shape(roles["A"]), source.shape(roles["B"])
-        kind = "linear"
-        if len(a_shape) == 4:
-            kind = "conv"
-            if len(b_shape) != 4 or tuple(b_shape[2:]) != (1, 1):
-                raise LoraLegoError(f"conv lora_B must be (out, r, 1, 1), got {tuple(b_shape)}", path=path, module=name)
-        elif len(a_shape) != 2 or len(b_shape) != 2:
-            raise LoraLegoError(f"unsupported factor shapes A {tuple(a_shape)}, B {tuple(b_shape)}", path=path, module=name)
-        rank = a_shape[0]
-        if b_shape[1] != rank:
-            raise LoraLegoError(f"lora_A has rank {rank} but lora_B has {b_shape[1]}", path=path, module=name)
+        kind, rank, a_shape, b_shape, dtype = factor_layout(source, roles["A"], roles["B"], path, name, _NAMES)
         component, inner = split_component(name)
         cfg = configs.get(component) if component in configs else configs.get(None)
         if cfg:
@@ -99,22 +91,11 @@ def load_diffusers(path: Path) -> Adapter:
             scale = lora_scale(alpha, rank, bool(cfg.get("use_rslora", False)))
         else:
             alpha, scale = float(rank), 1.0
-        dtypes = {source.dtype(roles["A"]), source.dtype(roles["B"])}
-        if not all(d.is_floating_point for d in dtypes):
-            raise LoraLegoError(f"factors must be floating point, got {sorted(map(str, dtypes))}", path=path, module=name)
-        modules[name] = ModuleSpec(name, rank, float(alpha), scale, tuple(a_shape), tuple(b_shape),
-                                   dtypes.pop() if len(dtypes) == 1 else torch.float32, kind)
+        modules[name] = ModuleSpec(name, rank, float(alpha), scale, a_shape, b_shape, dtype, kind)
 
-    def loader(name: str) -> Factors:
-        spec = modules[name]
-        A = source.get(groups[name]["A"]).to(torch.float32).reshape(spec.rank, -1)
-        B = source.get(groups[name]["B"]).to(torch.float32).reshape(-1, spec.rank)
-        check_finite(A, path, name, "lora_A")
-        check_finite(B, path, name, "lora_B")
-        return Factors(A, B * spec.scale, spec.scale)
-
-    return Adapter(modules=modules, loader=loader, format="diffusers", path=path,
-                   config={"diffusers_metadata": {k: v for k, v in metadata.items() if k != METADATA_KEY}})
+    keys = {n: (r["A"], r["B"]) for n, r in groups.items()}
+    return Adapter(modules=modules, loader=factor_loader(source, path, modules, keys, _NAMES), format="diffusers",
+                   path=path)
 
 
 def _config_for(specs: list[ModuleSpec], names: list[str]) -> dict[str, Any]:

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, Factors, ModuleSpec
+from ..adapter import Adapter, ModuleSpec
 from ..errors import LoraLegoError
 from .detect import refuse_unsupported
 from .names import canonical_to_kohya, kohya_to_canonical, split_component
-from .tensors import TensorSource, check_finite, read_safetensors_metadata
+from .common import factor_layout, factor_loader
+from .tensors import TensorSource, read_safetensors_metadata
 
+_NAMES = ("lora_down", "lora_up")
 _ROLES = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}
 # header entries that hash the file's tensors: stale once the tensors change, so they are dropped
 _STALE_METADATA = ("sshs_model_hash", "sshs_legacy_hash")
@@ -44,7 +46,7 @@ def load_kohya(path: Path) -> Adapter:
     metadata = read_safetensors_metadata(path) if path.suffix == ".safetensors" else {}
     alphas = _read_alphas(source, {n: r["alpha"] for n, r in groups.items() if "alpha" in r})
     modules: dict[str, ModuleSpec] = {}
-    keys_of: dict[str, dict[str, str]] = {}
+    keys_of: dict[str, tuple[str, str]] = {}
     prefixes: dict[str, str] = {}
     for lora_name, roles in groups.items():
         name, prefix = kohya_to_canonical(lora_name, path)
@@ -58,41 +60,15 @@ def load_kohya(path: Path) -> Adapter:
         if prefixes.setdefault(component, prefix) != prefix:
             raise LoraLegoError(f"mixes the prefixes {prefixes[component]}_ and {prefix}_ for one text encoder",
                                 path=path, module=lora_name)
-        a_shape, b_shape = source.shape(roles["A"]), source.shape(roles["B"])
-        kind = "linear"
-        if len(a_shape) == 4:
-            kind = "conv"
-            if len(b_shape) != 4 or tuple(b_shape[2:]) != (1, 1):
-                raise LoraLegoError(f"conv lora_up must be (out, r, 1, 1), got {tuple(b_shape)}", path=path,
-                                    module=lora_name)
-        elif len(a_shape) != 2 or len(b_shape) != 2:
-            raise LoraLegoError(f"unsupported factor shapes lora_down {tuple(a_shape)}, lora_up {tuple(b_shape)}",
-                                path=path, module=lora_name)
-        rank = a_shape[0]
-        if b_shape[1] != rank:
-            raise LoraLegoError(f"lora_down has rank {rank} but lora_up has {b_shape[1]}", path=path, module=lora_name)
-        dtypes = {source.dtype(roles["A"]), source.dtype(roles["B"])}
-        if not all(d.is_floating_point for d in dtypes):
-            raise LoraLegoError(f"factors must be floating point, got {sorted(map(str, dtypes))}", path=path,
-                                module=lora_name)
+        kind, rank, a_shape, b_shape, dtype = factor_layout(source, roles["A"], roles["B"], path, lora_name, _NAMES)
         alpha = alphas.get(lora_name, 0.0) or float(rank)
-        modules[name] = ModuleSpec(name, rank, alpha, alpha / rank, tuple(a_shape), tuple(b_shape),
-                                   dtypes.pop() if len(dtypes) == 1 else torch.float32, kind)
-        keys_of[name] = roles
+        modules[name] = ModuleSpec(name, rank, alpha, alpha / rank, a_shape, b_shape, dtype, kind)
+        keys_of[name] = (roles["A"], roles["B"])
     if not modules:
         raise LoraLegoError("holds no LoRA factors", path=path)
 
-    def loader(name: str) -> Factors:
-        spec = modules[name]
-        roles = keys_of[name]
-        A = source.get(roles["A"]).to(torch.float32).reshape(spec.rank, -1)
-        B = source.get(roles["B"]).to(torch.float32).reshape(-1, spec.rank)
-        check_finite(A, path, name, "lora_down")
-        check_finite(B, path, name, "lora_up")
-        return Factors(A, B * spec.scale, spec.scale)
-
-    return Adapter(modules=modules, loader=loader, format="kohya", path=path,
-                   base_model=metadata.get("ss_sd_model_name") or None,
+    return Adapter(modules=modules, loader=factor_loader(source, path, modules, keys_of, _NAMES), format="kohya",
+                   path=path, base_model=metadata.get("ss_sd_model_name") or None,
                    config={"kohya_metadata": metadata, "kohya_prefixes": prefixes})
 
 
