@@ -155,3 +155,15 @@ def test_dora_and_bias_in_diffusers_files_are_refused(tmp_path):
                    extra: torch.randn(8)}, str(tmp_path / "d.safetensors"))
         with pytest.raises(LoraLegoError, match=message):
             load_adapter(tmp_path / "d.safetensors")
+
+
+def test_kohya_and_diffusers_inputs_merge_module_by_module(tmp_path):
+    """The same UNet's LoRAs in both formats meet under the same names; the output takes the first's format."""
+    mods = unet_lora(tiny_unet(), 4, seed=0)
+    k = load_adapter(write_kohya(tmp_path / "k.safetensors", mods, alpha=4.0))
+    save_adapter(k, tmp_path / "d.safetensors", format="diffusers")
+    d = load_adapter(tmp_path / "d.safetensors")
+    merged = merge([k, d], method="concat", weights=[1.0, -1.0])
+    assert merged.format == "kohya" and set(merged.modules) == set(k.modules)
+    for name in merged.modules:  # x - x = 0, module by module
+        assert delta_of(merged, name).abs().max() < 1e-6
