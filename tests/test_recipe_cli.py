@@ -160,3 +160,21 @@ def load_adapter_from_modules():
 
     mods = random_modules(2, 0)
     return Adapter.from_factors({n: Factors(A, B) for n, (A, B) in mods.items()})
+
+
+def test_output_the_format_cannot_take_is_refused_before_work(tmp_path, capsys):
+    from helpers import write_kohya
+
+    g = torch.Generator().manual_seed(0)
+    src = write_kohya(tmp_path / "k.safetensors", {"down_blocks.0.attentions.0.proj_in": (
+        torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g))}, alpha=2.0)
+    peft = random_adapter(tmp_path / "llm")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for argv, message in ((["merge", str(src), "-o", str(tmp_path / "out")], "ending in .safetensors"),
+                          (["merge", str(src), "-o", str(tmp_path / "o.safetensors"), "--format", "peft"], "is a folder"),
+                          (["convert", str(peft), "-o", str(tmp_path / "o.safetensors"), "--format", "kohya"],
+                           "which diffusion pipeline component")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -26,7 +26,7 @@ def model_card_text(adapter: Adapter) -> str:
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
     if provenance:
         tool = provenance.get("tool", f"lora-lego {__version__}")
-        lines += [f"Made with [lora-lego](https://pypi.org/project/lora-lego/) ({tool}) by the `{provenance.get('method')}` "
+        lines += [f"Made with {tool} by the `{provenance.get('method')}` "
                   f"method: {len(adapter.modules)} modules, rank {rank_text}, scale folded into lora_B "
                   "(lora_alpha = r).", ""]
         lines += ["| input | weight |", "|---|---|"]
@@ -44,8 +44,12 @@ def model_card_text(adapter: Adapter) -> str:
         lines += [f"Written by lora-lego {__version__}: {len(adapter.modules)} modules, rank {rank_text}.", ""]
     if recipe:
         lines += ["## Recipe", "", "```yaml", recipe.rstrip("\n"), "```", ""]
-    lines += ["## Use", "", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
-              "", f"base = AutoModelForCausalLM.from_pretrained({json.dumps(adapter.base_model or 'BASE_MODEL')})",
+    base = json.dumps(adapter.base_model or "BASE_MODEL")
+    if adapter.config.get("task_type") == "CAUSAL_LM":
+        load = ["from transformers import AutoModelForCausalLM", "", f"base = AutoModelForCausalLM.from_pretrained({base})"]
+    else:
+        load = ["", f"base = ...  # the model {base} that the inputs were trained on"]
+    lines += ["## Use", "", "```python", "from peft import PeftModel", *load,
               'model = PeftModel.from_pretrained(base, "PATH/TO/THIS/FOLDER")', "```", ""]
     return "\n".join(lines)
 

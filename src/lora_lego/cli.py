@@ -159,6 +159,7 @@ def _merge_or_prune(args: argparse.Namespace) -> int:
 
     check_output_path(args.output, inputs, args.force)  # refuse before any work
     adapters = [load_adapter(p) for p in inputs]
+    _check_target(args.output, fmt, adapters)
     bar = ProgressBar(enabled=False if args.quiet else None)
     try:
         if args.command == "merge":
@@ -189,6 +190,18 @@ def _merge_or_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_target(output: Path, fmt: str | None, adapters) -> None:
+    """Refuse before merging what the writer would refuse after: an output path the format cannot take, or
+    module names that do not convert to the format."""
+    from .formats import convert
+    from .io import check_output_format
+
+    target = fmt or adapters[0].format
+    check_output_format(output, target)
+    for adapter in adapters:
+        convert(adapter, target)
+
+
 def _convert(args: argparse.Namespace) -> int:
     from . import load_adapter, save_adapter
     from .output import check_output_path
@@ -196,6 +209,7 @@ def _convert(args: argparse.Namespace) -> int:
     check_output_path(args.output, [args.input], args.force)
     adapter = load_adapter(args.input)
     fmt = args.format or adapter.format
+    _check_target(args.output, fmt, [adapter])
     dtype = save_adapter(adapter, args.output, format=fmt, force=args.force, inputs=[args.input], warn=_warn)
     _say(args)(f"converted {args.input} ({adapter.format}) to {fmt}: {len(adapter.modules)} modules, "
                f"{str(dtype).replace('torch.', '')} -> {args.output}")

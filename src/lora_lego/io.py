@@ -19,6 +19,18 @@ def _stderr(msg: str) -> None:
     print(f"lora-lego: warning: {msg}", file=sys.stderr)
 
 
+def check_output_format(path: Path, target: str) -> None:
+    """Refuse an output path the format cannot be written to, before any work."""
+    if target not in FORMATS:
+        raise LoraLegoError(f"unknown format {target!r}; choose from {', '.join(FORMATS)}")
+    if target == "kohya" and Path(path).suffix != ".safetensors":
+        raise LoraLegoError("a kohya output is one .safetensors file: give an output name ending in .safetensors",
+                            path=path)
+    if target == "peft" and Path(path).suffix == ".safetensors":
+        raise LoraLegoError("a PEFT output is a folder, not a .safetensors file: give a folder name (or --format "
+                            "kohya|diffusers for one file)", path=path)
+
+
 def save_adapter(adapter: Adapter, path: str | Path, *, format: str | None = None, force: bool = False,
                  inputs: Iterable[Path] = (), warn: Callable[[str], None] | None = _stderr,
                  model_card: bool = True) -> torch.dtype:
@@ -35,13 +47,9 @@ def save_adapter(adapter: Adapter, path: str | Path, *, format: str | None = Non
 
     path = Path(path)
     target = format or adapter.format
-    if target not in FORMATS:
-        raise LoraLegoError(f"unknown format {target!r}; choose from {', '.join(FORMATS)}")
     sources = list(inputs) + ([adapter.path] if adapter.path is not None else [])
     check_output_path(path, sources, force)
-    if target == "kohya" and path.suffix != ".safetensors":
-        raise LoraLegoError("a kohya output is one .safetensors file: give an output name ending in .safetensors",
-                            path=path)
+    check_output_format(path, target)
     adapter = convert(adapter, target)
     if target == "peft":
         from .card import model_card_text

@@ -72,7 +72,7 @@ def plot_adapters(adapters: Sequence[Adapter], stats: Sequence[list[ModuleStats]
     axs[1].set_ylabel("effective rank (— = rank)")
     for ax in axs[:2]:
         ax.set_xlabel("module (in file order)")
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="best")
     if panels == 3:
         points, owners, centers = unit_projection(adapters, module)
         for j, adapter in enumerate(adapters):
