@@ -125,10 +125,11 @@ def kohya_metadata(adapter: Adapter, extra: dict[str, str] | None) -> dict[str, 
 
 def kohya_names(adapter: Adapter) -> dict[str, str]:
     """Canonical module name -> kohya module name. Text encoders keep the prefix the input used; otherwise
-    lora_te_ for a lone text encoder and lora_te1_/lora_te2_ beside a second one (SDXL)."""
+    lora_te_ for a lone text encoder and lora_te1_/lora_te2_ beside a second one or for SDXL."""
     prefixes = dict(adapter.config.get("kohya_prefixes") or {})
     components = {split_component(n)[0] for n in adapter.modules}
-    if "text_encoder" not in prefixes and "text_encoder_2" in components:
+    sdxl = str((adapter.config.get("kohya_metadata") or {}).get("ss_base_model_version", "")).startswith("sdxl")
+    if "text_encoder" not in prefixes and ("text_encoder_2" in components or sdxl):
         prefixes["text_encoder"] = "lora_te1"
     out = {}
     for name in adapter.modules:

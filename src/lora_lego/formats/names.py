@@ -22,8 +22,9 @@ KOHYA_PREFIXES = {
     "lora_te1": "text_encoder",
     "lora_te2": "text_encoder_2",
     "lora_te3": "text_encoder_3",
+    "lora_prior_unet": "prior",
 }
-_KOHYA_NAME = re.compile(r"^(lora_unet|lora_transformer|lora_te\d?)_(.+)$")
+_KOHYA_NAME = re.compile(r"^(lora_prior_unet|lora_unet|lora_transformer|lora_te\d?)_(.+)$")
 
 # Identifiers with an underscore inside, as diffusers (UNet2DConditionModel, SD3/Flux transformers) and
 # transformers (CLIP, T5) name their submodules; kohya's names join them with "_" like everything else.
