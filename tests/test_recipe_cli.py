@@ -70,6 +70,9 @@ def test_flags_override_the_recipe(tmp_path):
     used = json.loads(metadata(tmp_path / "o" / "adapter_model.safetensors")["lora_lego"])
     assert used["rank"] == 2 and used["options"]["param_reweight"] == "none" and used["seed"] == 7
     assert used["weights"] == [1.0, -0.5]
+    (tmp_path / "bad.yaml").write_text(RECIPE.replace("{param_reweight: halves}", "{n_init: ten}"))
+    assert main(["merge", "--config", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "o2")]) == 2
+    assert not (tmp_path / "o2").exists()
 
 
 @pytest.mark.parametrize("text, message", [

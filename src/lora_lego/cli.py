@@ -155,7 +155,7 @@ def _merge_or_prune(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else (recipe.seed if recipe and recipe.seed is not None else 0)
     device = args.device or (recipe.device if recipe else None) or "cpu"
     fmt = args.format or (recipe.format if recipe else None)
-    opts = {**(recipe.options if recipe else {}), **_method_options(args)}
+    opts = {**(_typed_options(recipe, method) if recipe else {}), **_method_options(args)}
 
     check_output_path(args.output, inputs, args.force)  # refuse before any work
     adapters = [load_adapter(p) for p in inputs]
@@ -188,6 +188,23 @@ def _merge_or_prune(args: argparse.Namespace) -> int:
     say(f"{what}: {len(merged.modules)} modules, rank {rank_text}, {str(dtype).replace('torch.', '')}, "
         f"{fmt or merged.format} -> {args.output} ({time.perf_counter() - start:.2f} s)")
     return 0
+
+
+def _typed_options(recipe, method: str) -> dict:
+    """The recipe's method options converted to each option's type, as the flags would be."""
+    from .methods import get_method
+
+    known = {o.name: o for o in get_method(method).options}
+    out = {}
+    for key, value in recipe.options.items():
+        opt = known.get(key)
+        if opt is not None and not isinstance(value, opt.type):
+            try:
+                value = opt.type(value)
+            except (TypeError, ValueError):
+                raise LoraLegoError(f"option {key} must be {opt.type.__name__}, got {value!r}", path=recipe.path) from None
+        out[key] = value
+    return out
 
 
 def _check_target(output: Path, fmt: str | None, adapters) -> None:

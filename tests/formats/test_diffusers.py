@@ -78,6 +78,20 @@ def test_merge_written_as_diffusers_loads_with_our_delta(tmp_path):
         assert torch.allclose(delta_of(back, name), delta_of(merged, name), atol=1e-6)
 
 
+def test_ranks_that_differ_per_module_load_in_diffusers(tmp_path):
+    a = write_kohya(tmp_path / "a.safetensors", unet_lora(tiny_unet(), 4, seed=0), alpha=2.0)
+    b = write_kohya(tmp_path / "b.safetensors", unet_lora(tiny_unet(), 2, seed=1, targets=UNET_TARGETS[:3]), alpha=1.0)
+    merged = merge([load_adapter(a), load_adapter(b)], method="concat")  # rank 6 where both are, 4 elsewhere
+    assert {s.rank for s in merged.modules.values()} == {4, 6}
+    save_adapter(merged, tmp_path / "m.safetensors", format="diffusers")
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert meta["unet.r"] == 4 and set(meta["unet.rank_pattern"].values()) == {6}
+    ref = merged_unet_deltas(tiny_unet, lambda u: u.load_lora_adapter(str(tmp_path / "m.safetensors"), prefix="unet"))
+    for name in merged.modules:
+        assert torch.allclose(delta_of(merged, name), ref[name.removeprefix("unet.")], atol=1e-5), name
+
+
 def test_peft_unet_adapter_converts_to_kohya_and_diffusers_and_back(tmp_path):
     from peft import get_peft_model, LoraConfig
 
