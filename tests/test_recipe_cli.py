@@ -181,3 +181,19 @@ def test_output_the_format_cannot_take_is_refused_before_work(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_cli_draws_the_bar_on_a_terminal_unless_quiet(tmp_path, monkeypatch):
+    import sys
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    a, b = random_adapter(tmp_path / "a", seed=0), random_adapter(tmp_path / "b", seed=1)
+    monkeypatch.setitem(ProgressBar.__init__.__kwdefaults__, "delay", 0.0)  # draw at once, for the test
+    for quiet in (False, True):
+        tty = Tty()
+        monkeypatch.setattr(sys, "stderr", tty)
+        assert main(["merge", str(a), str(b), "-o", str(tmp_path / "out"), "--force"] + (["-q"] if quiet else [])) == 0
+        assert ("3/3 modules" in tty.getvalue()) is (not quiet)
