@@ -319,6 +319,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lora-lego: interrupted; no output written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # a table piped into `head`: stop quietly, as other tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
