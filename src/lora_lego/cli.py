@@ -104,7 +104,28 @@ def _run(argv: Sequence[str] | None) -> int:
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
     say(f"{what}: {len(merged.modules)} modules, rank {rank_text}, {str(dtype).replace('torch.', '')}, "
         f"-> {args.output} ({time.perf_counter() - start:.2f} s)")
+    note = partial_modules_note(merged, inputs)
+    if note:
+        say(note)
     return 0
+
+
+def partial_modules_note(merged, inputs: Sequence[Path]) -> str | None:
+    """One line on modules that only some inputs have (not an error: each is merged from the inputs that
+    have it); the output's metadata lists every such module."""
+    import json
+
+    provenance = json.loads(merged.metadata.get("lora_lego", "{}"))
+    partial = provenance.get("modules_from_some_inputs") or {}
+    if not partial:
+        return None
+    groups: dict[tuple[int, ...], int] = {}
+    for holders in partial.values():
+        groups[tuple(holders)] = groups.get(tuple(holders), 0) + 1
+    parts = [f"{n} only in {', '.join(str(inputs[i]) for i in holders)}"
+             for holders, n in sorted(groups.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return (f"note: {len(partial)} of {len(merged.modules)} modules are in only some inputs and were merged from "
+            f"those ({'; '.join(parts)}); the output's metadata (lora_lego.modules_from_some_inputs) lists them")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

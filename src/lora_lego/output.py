@@ -109,21 +109,25 @@ def _exchange(a: Path, b: Path) -> bool:
 
 @contextlib.contextmanager
 def atomic_output(target: Path, *, force: bool = False, directory: bool = True) -> Iterator[Path]:
-    """Yield a temporary path to write the whole output into; on normal exit move it to ``target``.
+    """Yield a temporary path to write the whole output into; on normal exit verify it (every safetensors
+    header re-read and checked against the file's size, every JSON file parsed), sync it to disk and move
+    it to ``target``.
 
-    On an exception the temporary is removed and ``target`` is untouched."""
+    On an exception the temporary is removed and ``target`` is untouched; an OSError (disk full, file too
+    large, permissions) becomes a one-line LoraLegoError naming ``target``."""
     target = Path(target)
     parent = Path(os.path.abspath(target)).parent
     created = [p for p in [parent, *parent.parents] if not p.exists()]
-    parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(target)
     tmp = parent / f".{target.name}{PARTIAL_TAG}{os.getpid()}"
-    _remove(tmp)
-    if directory:
-        tmp.mkdir()
     try:
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(target)
+        _remove(tmp)
+        if directory:
+            tmp.mkdir()
         yield tmp
         _fsync_tree(tmp)
+        verify_output(tmp, target)
         _commit(tmp, target, force=force)
     except BaseException as e:
         _remove(tmp)
@@ -131,8 +135,27 @@ def atomic_output(target: Path, *, force: bool = False, directory: bool = True) 
             with contextlib.suppress(OSError):
                 p.rmdir()
         if isinstance(e, OSError) and not isinstance(e, LoraLegoError):
-            raise LoraLegoError(f"cannot write output ({e.strerror or e})", path=target) from None
+            raise LoraLegoError(f"cannot write output ({e.strerror or e}); nothing was written", path=target) from None
         raise
+
+
+def verify_output(tmp: Path, target: Path) -> None:
+    """Re-read what was written before it is renamed into place: each safetensors header must parse and its
+    tensors must tile the file's data exactly (catches a short write), each JSON file must parse."""
+    import json
+
+    from .formats.tensors import read_safetensors_header
+
+    files = [tmp] if tmp.is_file() else sorted(p for p in tmp.rglob("*") if p.is_file())
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                read_safetensors_header(f)
+            elif f.suffix == ".json":
+                json.loads(f.read_text(encoding="utf-8"))
+        except (LoraLegoError, ValueError) as e:
+            raise LoraLegoError(f"the written {f.name} failed verification ({e}); nothing was written",
+                                path=target) from None
 
 
 def _commit(tmp: Path, target: Path, *, force: bool) -> None:
