@@ -392,3 +392,9 @@ def test_finite_but_absurdly_large_values_are_refused(tmp_path, capsys):
     assert_refused(capsys, tmp_path, ["merge", b, huge_alpha, "-o", tmp_path / "out"], str(huge_alpha), "module ")
     d = random_adapter(tmp_path / "d", seed=2)
     assert_refused(capsys, tmp_path, ["merge", b, d, "-o", tmp_path / "out", "--weights", "1", "1e30"], str(d), "module ")
+
+
+def test_alpha_so_large_that_the_scaled_factor_overflows(tmp_path, capsys):
+    a = random_adapter(tmp_path / "a", alpha=1e300)  # finite, but B * alpha / r is not, in float32
+    assert_refused(capsys, tmp_path, ["merge", a, "-o", tmp_path / "out"], str(a / WEIGHTS), "module ",
+                   "overflows float32")

@@ -193,7 +193,11 @@ def load_peft(path: Path) -> Adapter:
         B = source.get(roles["B"]).to(torch.float32).reshape(-1, spec.rank)
         check_finite(A, weights, name, "lora_A")
         check_finite(B, weights, name, "lora_B")
-        return Factors(A, B * spec.scale, spec.scale)
+        scaled = B * spec.scale
+        if not torch.isfinite(scaled).all():
+            raise LoraLegoError(f"lora_B times the scale {spec.scale:.3g} (lora_alpha / r) overflows float32",
+                                path=weights, module=name)
+        return Factors(A, scaled, spec.scale)
 
     return Adapter(
         modules=modules,
