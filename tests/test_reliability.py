@@ -244,6 +244,7 @@ def test_same_module_with_different_shapes(tmp_path, capsys):
     (["--method", "concat", "--rank", "2"], "--rank does not apply to concat"),
     (["--method", "concat", "--canonicalize", "sign"], "does not apply to method concat"),
     (["--unit-split", "c"], "invalid choice"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
 ])
 def test_bad_options(tmp_path, capsys, extra, message):
     a, b = random_adapter(tmp_path / "a", seed=0), random_adapter(tmp_path / "b", seed=1)
