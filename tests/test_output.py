@@ -31,6 +31,7 @@ def test_force_replaces_whole_and_without_force_refuses(tmp_path):
     ad = merge([load_adapter(random_adapter(tmp_path / "a"))])
     out = tmp_path / "out"
     out.mkdir()
+    (out / "adapter_model.safetensors").write_text("an earlier output")
     (out / "old.txt").write_text("old")
     with pytest.raises(LoraLegoError, match="pass --force"):
         save_adapter(ad, out)

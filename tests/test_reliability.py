@@ -399,3 +399,19 @@ def test_alpha_so_large_that_the_scaled_factor_overflows(tmp_path, capsys):
     a = random_adapter(tmp_path / "a", alpha=1e300)  # finite, but B * alpha / r is not, in float32
     assert_refused(capsys, tmp_path, ["merge", a, "-o", tmp_path / "out"], str(a / WEIGHTS), "module ",
                    "overflows float32")
+
+
+def test_force_never_replaces_something_that_is_not_an_adapter(tmp_path, capsys):
+    """A mistyped -o (a home folder, a project) must not be swapped away and deleted by --force."""
+    a = random_adapter(tmp_path / "a")
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "thesis.tex").write_text("years of work")
+    assert_refused(capsys, tmp_path, ["merge", a, "-o", docs, "--force"], str(docs), "holds no adapter")
+    (tmp_path / "notes.txt").write_text("keep")
+    assert_refused(capsys, tmp_path, ["merge", a, "-o", tmp_path / "notes.txt", "--force"], "holds no adapter")
+    # an earlier output is replaced whole
+    rc, _ = run_main(capsys, ["merge", a, "-o", tmp_path / "out", "--rank", "2"])
+    (tmp_path / "out" / "README.md").write_text("stale")
+    rc2, _ = run_main(capsys, ["merge", a, "-o", tmp_path / "out", "--force"])
+    assert rc == rc2 == 0 and sorted(p.name for p in (tmp_path / "out").iterdir()) == [CONFIG, WEIGHTS]

@@ -40,6 +40,9 @@ def check_output_path(target: Path, inputs: Iterable[Path], force: bool) -> None
         empty_dir = target.is_dir() and not target.is_symlink() and not any(target.iterdir())
         if not empty_dir and not force:
             raise LoraLegoError("output exists and is not empty; pass --force to replace it", path=target)
+        if not empty_dir and not _looks_like_output(target):
+            raise LoraLegoError("output exists and holds no adapter (no adapter_config.json or .safetensors file); "
+                                "--force only replaces an earlier output: remove it yourself if you mean it", path=target)
     parent = target_r.parent
     while not parent.exists():  # missing parents are created at write time; check the first that exists
         parent = parent.parent
@@ -47,6 +50,15 @@ def check_output_path(target: Path, inputs: Iterable[Path], force: bool) -> None
         raise LoraLegoError(f"{parent} is not a folder", path=target)
     if not os.access(parent, os.W_OK):
         raise LoraLegoError(f"output folder {parent} is not writable", path=target)
+
+
+def _looks_like_output(target: Path) -> bool:
+    """Whether ``--force`` may replace ``target``: an adapter folder or a .safetensors file, never a folder of
+    something else (a mistyped ``-o ~`` must not delete a home directory)."""
+    if target.is_dir():
+        return (target / "adapter_config.json").is_file() or any(
+            p.suffix == ".safetensors" and p.is_file() for p in target.iterdir())
+    return target.suffix == ".safetensors"
 
 
 def remove_stale_partials(target: Path) -> None:
@@ -83,7 +95,8 @@ def _remove(path: Path) -> None:
 
 
 def _fsync_tree(path: Path) -> None:
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    """Sync every file and folder (folders too, so that their entries survive a power cut)."""
+    files = [path] if path.is_file() else [*(p for p in path.rglob("*") if p.is_file() or p.is_dir()), path]
     for p in files:
         fd = os.open(p, os.O_RDONLY)
         try:
