@@ -68,3 +68,19 @@ def test_sigkill_at_every_write_step(tmp_path, capsys, with_previous):
     between = [r["event"] for r in runs[written[-1] + 1:first_new - 1]]
     for name in ("adapter_config.json", "adapter_model.safetensors"):  # opened to sync, and again to verify
         assert sum(e.startswith("open") and e.endswith(name) for e in between) >= 2, between
+
+
+def test_previous_output_is_put_back_after_a_kill_inside_the_two_step_replacement(tmp_path, capsys):
+    """Where the one-step swap is unavailable, --force renames the old output aside, then the new one in.
+    A run killed between the two leaves the state built here; the next run restores the old output."""
+    a = random_adapter(tmp_path / "a")
+    assert main(["merge", str(a), "-o", str(tmp_path / "previous"), "--rank", "2"]) == 0
+    old = snapshot(tmp_path / "previous")
+    (tmp_path / "previous").rename(tmp_path / ".out.lora-lego-partial-999999.old")
+    (tmp_path / ".out.lora-lego-partial-999999").mkdir()  # the new output, never renamed in
+    (tmp_path / ".out.lora-lego-partial-999999" / "adapter_model.safetensors").write_bytes(b"new")
+    capsys.readouterr()
+    assert main(["merge", str(a), "-o", str(tmp_path / "out")]) == 2  # without --force: the old one is back
+    assert "pass --force" in capsys.readouterr().err
+    assert snapshot(tmp_path / "out") == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "out"]

@@ -62,17 +62,22 @@ def _looks_like_output(target: Path) -> bool:
 
 
 def remove_stale_partials(target: Path) -> None:
-    """Remove temporaries that an earlier, killed run left for this target."""
+    """Remove temporaries that an earlier, killed run left for this target. A run killed inside the
+    two-step replacement (where the one-step swap is unavailable) leaves the previous output as
+    ``<temporary>.old`` and no target: that is put back, not removed."""
     parent = Path(os.path.abspath(target)).parent
     prefix = f".{target.name}{PARTIAL_TAG}"
     if not parent.is_dir():
         return
-    for entry in parent.iterdir():
+    for entry in sorted(parent.iterdir()):
         if not entry.name.startswith(prefix):
             continue
         pid = entry.name[len(prefix):].split(".")[0]
         if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
             continue  # another run is writing right now
+        if entry.name.endswith(".old") and not (target.exists() or target.is_symlink()):
+            os.rename(entry, target)
+            continue
         _remove(entry)
 
 
