@@ -415,3 +415,20 @@ def test_force_never_replaces_something_that_is_not_an_adapter(tmp_path, capsys)
     (tmp_path / "out" / "README.md").write_text("stale")
     rc2, _ = run_main(capsys, ["merge", a, "-o", tmp_path / "out", "--force"])
     assert rc == rc2 == 0 and sorted(p.name for p in (tmp_path / "out").iterdir()) == [CONFIG, WEIGHTS]
+
+
+def test_output_under_a_file(tmp_path, capsys):
+    a = random_adapter(tmp_path / "a")
+    (tmp_path / "plain").write_text("x")
+    assert_refused(capsys, tmp_path, ["merge", a, "-o", tmp_path / "plain" / "out"], "is not a folder")
+
+
+def test_legacy_bin_input_is_read_and_left_byte_identical(tmp_path, capsys):
+    a = random_adapter(tmp_path / "a")
+    with safe_open(str(a / WEIGHTS), framework="pt") as f:
+        torch.save({k: f.get_tensor(k) for k in f.keys()}, a / "adapter_model.bin")
+    (a / WEIGHTS).unlink()
+    before = tree_hashes(a)
+    rc, lines = run_main(capsys, ["merge", a, a, "-o", tmp_path / "out", "--rank", "3"])
+    assert rc == 0, lines
+    assert tree_hashes(a) == before
