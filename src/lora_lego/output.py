@@ -76,7 +76,8 @@ def remove_stale_partials(target: Path) -> None:
         if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
             continue  # another run is writing right now
         if entry.name.endswith(".old") and not (target.exists() or target.is_symlink()):
-            os.rename(entry, target)
+            with contextlib.suppress(OSError):  # if it cannot be put back, it is kept, never removed
+                os.rename(entry, target)
             continue
         _remove(entry)
 
@@ -95,7 +96,7 @@ def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # a leftover that cannot be removed now is removed by a later run
             path.unlink()
 
 
