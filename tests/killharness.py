@@ -1,12 +1,13 @@
 """Kill `lora-lego` with SIGKILL at every step of writing its output, one run per step.
 
 Usage: python killharness.py SPEC.json. SPEC has "argv" (the CLI arguments), "target" (the output folder),
-"previous" (a folder copied to the target before each run, or null) and "results" (where to write them).
+"previous" (a folder copied to the target before each run, or null), "results" (where to write them) and
+"signal" (SIGKILL, the default, or e.g. SIGTERM).
 
 The parent imports lora_lego (and torch) once and then forks one child per kill point; it runs no torch
 operation itself, so the forks are safe. Child n runs the real CLI with an audit hook and a profile hook
 that count the file-system steps on its own output (mkdir, open, each write call, rename, the renameat2
-look-up, removal) and SIGKILL the child at step n. Runs go on until one finishes without being killed.
+look-up, removal) and send the signal to the child at step n. Runs go on until one finishes before step n.
 After each run the parent records what a user would find: the target's files and their hashes, and the
 leftover temporaries beside it. Nothing is cleaned between runs, so the next run must clean them itself.
 """
@@ -29,7 +30,7 @@ def snapshot(folder: Path) -> dict[str, str] | None:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def install_kill_at(n: int, target: Path, log_fd: int) -> None:
+def install_kill_at(n: int, target: Path, log_fd: int, sig: int = signal.SIGKILL) -> None:
     from lora_lego.output import PARTIAL_TAG
 
     own = f".{target.name}{PARTIAL_TAG}{os.getpid()}"
@@ -47,7 +48,7 @@ def install_kill_at(n: int, target: Path, log_fd: int) -> None:
         count += 1
         if count == n:
             os.write(log_fd, (what + "\n").encode())  # os.write raises no audit event
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), sig)
 
     def audit(event: str, args: tuple) -> None:
         if event in ("open", "os.mkdir", "os.rmdir", "os.remove", "shutil.rmtree") and ours(args[0]):
@@ -87,7 +88,7 @@ def main() -> int:
             os.close(read_fd)
             rc = 99
             try:
-                install_kill_at(n, target, write_fd)
+                install_kill_at(n, target, write_fd, getattr(signal, spec.get("signal", "SIGKILL")))
                 rc = cli_main(spec["argv"])
             finally:
                 os._exit(100 + rc)  # never return into the parent's loop
@@ -101,7 +102,7 @@ def main() -> int:
         results.append({"n": n, "pid": pid, "killed": killed, "event": event,
                         "exit": None if killed else os.WEXITSTATUS(status) - 100,
                         "target": snapshot(target), "partials": partials})
-        if not killed:
+        if not event:  # the run finished before reaching step n
             break
     Path(spec["results"]).write_text(json.dumps(results, indent=1))
     return 0

@@ -17,11 +17,12 @@ from lora_lego.cli import main
 HARNESS = Path(__file__).with_name("killharness.py")
 
 
-def kill_at_every_step(tmp_path: Path, argv: list[str], target: Path, previous: Path | None) -> list[dict]:
+def kill_at_every_step(tmp_path: Path, argv: list[str], target: Path, previous: Path | None,
+                       signal: str = "SIGKILL") -> list[dict]:
     spec = tmp_path / "spec.json"
     results = tmp_path / "results.json"
     spec.write_text(json.dumps({"argv": argv, "target": str(target), "results": str(results),
-                                "previous": str(previous) if previous else None}))
+                                "previous": str(previous) if previous else None, "signal": signal}))
     proc = subprocess.run([sys.executable, str(HARNESS), str(spec)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(results.read_text())
@@ -84,3 +85,21 @@ def test_previous_output_is_put_back_after_a_kill_inside_the_two_step_replacemen
     assert "pass --force" in capsys.readouterr().err
     assert snapshot(tmp_path / "out") == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "out"]
+
+
+def test_sigterm_at_every_write_step_removes_the_temporary(tmp_path):
+    """SIGTERM (kill, timeout, docker stop) is handled like Ctrl-C: exit 143, and the temporary is removed on
+    the way out, so not even a leftover remains; the output is the previous one or the complete new one."""
+    a, b = random_adapter(tmp_path / "a", seed=0), random_adapter(tmp_path / "b", seed=1)
+    target = tmp_path / "out" / "merged"
+    previous = tmp_path / "previous"
+    assert main(["merge", str(a), str(b), "-o", str(previous), "--method", "concat", "--weights", "1", "-1"]) == 0
+    argv = ["merge", str(a), str(b), "-o", str(target), "--method", "concat", "--force", "-q"]
+    runs = kill_at_every_step(tmp_path, argv, target, previous, signal="SIGTERM")
+    *stopped, last = runs
+    assert last["exit"] == 0 and not last["event"]
+    old, new = snapshot(previous), last["target"]
+    assert len(stopped) >= 12 and old != new
+    for r in stopped:
+        assert not r["killed"] and r["exit"] == 143, r
+        assert r["partials"] == [] and r["target"] in (old, new), r

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -129,8 +131,19 @@ def partial_modules_note(merged, inputs: Sequence[Path]) -> str | None:
             f"those ({'; '.join(parts)}); the output's metadata (lora_lego.modules_from_some_inputs) lists them")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, a stopped container), handled like Ctrl-C so the temporary output is removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _run(argv)
     except LoraLegoError as e:
@@ -138,9 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"lora-lego: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("lora-lego: interrupted; no output written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print("lora-lego: interrupted; nothing half-written was left", file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
