@@ -47,6 +47,8 @@ def check_options(method: MergeMethod, options: dict[str, Any]) -> dict[str, Any
         opt = known[key]
         if opt.choices is not None and value not in opt.choices:
             raise LoraLegoError(f"--{key.replace('_', '-')} must be one of {', '.join(map(str, opt.choices))}, got {value!r}")
+        if opt.valid is not None and not opt.valid(value):
+            raise LoraLegoError(f"--{key.replace('_', '-')} must be {opt.valid_text}, got {value!r}")
         resolved[key] = value
     return resolved
 

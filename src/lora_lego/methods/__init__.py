@@ -23,6 +23,8 @@ class Option:
     default: Any
     help: str
     choices: tuple | None = None
+    valid: Callable[[Any], bool] | None = None  # a further check of the value, e.g. a range
+    valid_text: str = ""  # what ``valid`` asks, for the error message: "in (0, 1]"
 
 
 @dataclass(frozen=True)
@@ -57,4 +59,10 @@ def get_method(name: str) -> MergeMethod:
         raise LoraLegoError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
 
 
-from . import concat, lego  # noqa: E402,F401  (registration)
+def fraction(value: Any) -> bool:
+    """A density: a share of entries kept, in (0, 1]."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
+
+
+from . import lego, concat  # noqa: E402,F401  (registration)
+from . import ensemble, average, linear, task_arithmetic, ties, dare, magnitude_prune  # noqa: E402,F401
