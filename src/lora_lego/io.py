@@ -30,4 +30,4 @@ def save_adapter(adapter: Adapter, path: str | Path, *, force: bool = False, inp
     if adapter.format != "peft":
         raise LoraLegoError(f"writing the {adapter.format} format is not supported yet", path=path)
     with atomic_output(path, force=force, directory=True) as tmp:
-        return save_peft(adapter, tmp, metadata=adapter.metadata, warn=warn, label=path)
+        return save_peft(adapter, tmp, metadata=adapter.metadata, warn=warn)

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -59,6 +60,16 @@ def _looks_like_output(target: Path) -> bool:
         return (target / "adapter_config.json").is_file() or any(
             p.suffix == ".safetensors" and p.is_file() for p in target.iterdir())
     return target.suffix == ".safetensors"
+
+
+def output_label(path: object) -> str:
+    """The path the user asked for, for a path inside a temporary output (messages name the target, not
+    ``.<name>.lora-lego-partial-<pid>``)."""
+    parts = [m.group(1) if (m := _PARTIAL_NAME.fullmatch(part)) else part for part in Path(str(path)).parts]
+    return str(Path(*parts)) if parts else str(path)
+
+
+_PARTIAL_NAME = re.compile(rf"\.(.+){re.escape(PARTIAL_TAG)}\d+")
 
 
 def remove_stale_partials(target: Path) -> None:
@@ -165,12 +176,13 @@ def verify_output(tmp: Path, target: Path) -> None:
 
     from .formats.tensors import read_safetensors_header
 
-    files = [tmp] if tmp.is_file() else sorted(p for p in tmp.rglob("*") if p.is_file())
-    for f in files:
+    # a one-file output's temporary has no suffix of its own: it is the target's
+    files = [(tmp, target.suffix)] if tmp.is_file() else sorted((p, p.suffix) for p in tmp.rglob("*") if p.is_file())
+    for f, suffix in files:
         try:
-            if f.suffix == ".safetensors":
+            if suffix == ".safetensors":
                 read_safetensors_header(f)
-            elif f.suffix == ".json":
+            elif suffix == ".json":
                 json.loads(f.read_text(encoding="utf-8"))
         except (LoraLegoError, ValueError) as e:
             raise LoraLegoError(f"the written {f.name} failed verification ({e}); nothing was written",

@@ -248,9 +248,9 @@ def peft_output_config(adapter: Adapter, template: dict[str, Any] | None = None)
 
 
 def save_peft(adapter: Adapter, path: Path, *, metadata: dict[str, str] | None = None,
-              template: dict[str, Any] | None = None, warn=None, label: object | None = None) -> torch.dtype:
+              template: dict[str, Any] | None = None, warn=None) -> torch.dtype:
     """Write ``adapter`` as a PEFT directory into ``path`` (an existing empty folder). Returns the dtype
-    the tensors were stored in. ``label`` names the output in warnings (``path`` may be a temporary)."""
+    the tensors were stored in."""
     from .tensors import store_dtype, write_safetensors
 
     tensors: dict[str, torch.Tensor] = {}
@@ -264,7 +264,7 @@ def save_peft(adapter: Adapter, path: Path, *, metadata: dict[str, str] | None =
         else:
             tensors[f"{PREFIX}{name}.lora_A.weight"] = A
             tensors[f"{PREFIX}{name}.lora_B.weight"] = B
-    dtype = store_dtype(tensors, adapter.dtype, path if label is None else label, warn)
+    dtype = store_dtype(tensors, adapter.dtype, path, warn)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
     config = peft_output_config(adapter, template)
     (Path(path) / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

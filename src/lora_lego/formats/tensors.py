@@ -169,8 +169,10 @@ def store_dtype(tensors, wanted: torch.dtype, path: object, warn=None) -> torch.
     if peak <= limit:
         return wanted
     if warn is not None:
+        from ..output import output_label
+
         name = str(wanted).replace("torch.", "")
-        warn(f"{path}: a merged value ({peak:.3g}{f' in {where}' if where else ''}) exceeds the {name} range "
+        warn(f"{output_label(path)}: a merged value ({peak:.3g}{f' in {where}' if where else ''}) exceeds the {name} range "
              f"(max {limit:.6g}); stored in float32 instead of {name}")
     return torch.float32
 
