@@ -88,9 +88,8 @@ def _run(argv: Sequence[str] | None) -> int:
     say = (lambda *_a, **_k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     start = time.perf_counter()
     inputs = args.inputs if args.command == "merge" else [args.input]
-    from .output import check_output_path, remove_stale_partials
+    from .output import check_output_path
 
-    remove_stale_partials(args.output)  # a killed earlier run's leftovers (it may put a previous output back)
     check_output_path(args.output, inputs, args.force)  # refuse before any work
     adapters = [load_adapter(p) for p in inputs]
     opts = _method_options(args)

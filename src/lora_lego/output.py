@@ -30,7 +30,9 @@ def _is_within(child: Path, parent: Path) -> bool:
 
 def check_output_path(target: Path, inputs: Iterable[Path], force: bool) -> None:
     """Refuse an output that is an input, lies inside one, or contains one; and an existing non-empty
-    output unless ``force``."""
+    output unless ``force``. First removes what a killed earlier run left for this target (putting back a
+    previous output it had set aside), so that the checks see what the user would see."""
+    remove_stale_partials(Path(target))
     target_r = Path(os.path.abspath(target)).resolve()
     for inp in inputs:
         inp_r = Path(os.path.abspath(inp)).resolve()

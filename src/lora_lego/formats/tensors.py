@@ -111,20 +111,6 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torc
     return out
 
 
-def _check_layout(ranges: list[tuple[int, int]], data_size: int, path: Path) -> None:
-    """The safetensors rule: the tensors tile the data section exactly, no gap, overlap or trailing byte
-    (so a truncated or appended-to file is caught from its header alone)."""
-    end = 0
-    for start, stop in sorted(ranges):
-        if start != end:
-            raise LoraLegoError(f"is corrupt (tensor data {'overlaps' if start < end else 'has a gap'} at byte {start})",
-                                path=path)
-        end = stop
-    if end != data_size:
-        raise LoraLegoError(f"is truncated or corrupt (tensors end at data byte {end}, the file's data has {data_size})",
-                            path=path)
-
-
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 
@@ -142,6 +128,20 @@ def _whole(x: object) -> int:
     if isinstance(x, bool) or not isinstance(x, int):
         raise ValueError(f"{x!r} is not a whole number")
     return x
+
+
+def _check_layout(ranges: list[tuple[int, int]], data_size: int, path: Path) -> None:
+    """The safetensors rule: the tensors tile the data section exactly, no gap, overlap or trailing byte
+    (so a truncated or appended-to file is caught from its header alone)."""
+    end = 0
+    for start, stop in sorted(ranges):
+        if start != end:
+            raise LoraLegoError(f"is corrupt (tensor data {'overlaps' if start < end else 'has a gap'} at byte {start})",
+                                path=path)
+        end = stop
+    if end != data_size:
+        raise LoraLegoError(f"is truncated or corrupt (tensors end at data byte {end}, the file's data has {data_size})",
+                            path=path)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
