@@ -44,7 +44,7 @@ def test_sigkill_at_every_write_step(tmp_path, capsys, with_previous):
     # the final run, not killed, completes and leaves no temporary behind
     assert not last["killed"] and last["exit"] == 0 and last["partials"] == []
     new = last["target"]
-    assert sorted(new) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(new)
     old = snapshot(previous) if previous is not None else None
     assert old != new
 
