@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -187,6 +189,9 @@ def _merge_or_prune(args: argparse.Namespace) -> int:
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
     say(f"{what}: {len(merged.modules)} modules, rank {rank_text}, {str(dtype).replace('torch.', '')}, "
         f"{fmt or merged.format} -> {args.output} ({time.perf_counter() - start:.2f} s)")
+    note = partial_modules_note(merged, inputs)
+    if note:
+        say(note)
     return 0
 
 
@@ -307,8 +312,37 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def partial_modules_note(merged, inputs: Sequence[Path]) -> str | None:
+    """One line on modules that only some inputs have (not an error: each is merged from the inputs that
+    have it); the output's metadata lists every such module."""
+    import json
+
+    provenance = json.loads(merged.metadata.get("lora_lego", "{}"))
+    partial = provenance.get("modules_from_some_inputs") or {}
+    if not partial:
+        return None
+    groups: dict[tuple[int, ...], int] = {}
+    for holders in partial.values():
+        groups[tuple(holders)] = groups.get(tuple(holders), 0) + 1
+    parts = [f"{n} only in {', '.join(str(inputs[i]) for i in holders)}"
+             for holders, n in sorted(groups.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return (f"note: {len(partial)} of {len(merged.modules)} modules are in only some inputs and were merged from "
+            f"those ({'; '.join(parts)}); the output's metadata (lora_lego.modules_from_some_inputs) lists them")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, a stopped container), handled like Ctrl-C so the temporary output is removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _run(argv)
     except LoraLegoError as e:
@@ -316,14 +350,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"lora-lego: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("lora-lego: interrupted; no output written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print("lora-lego: interrupted; nothing half-written was left", file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
     except BrokenPipeError:  # a table piped into `head`: stop quietly, as other tools do
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

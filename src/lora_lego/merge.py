@@ -124,7 +124,10 @@ def merge(
         if len(holders) < len(adapters):
             partial[name] = holders
         dtypes.update(s.dtype for s in specs)
-        factors = [adapters[i].factors(name).to(dev) for i in holders]
+        factors = [adapters[i].factors(name) for i in holders]
+        for i, f in zip(holders, factors):
+            _check_magnitude(f, weights[i], adapters[i].label, name)
+        factors = [f.to(dev) for f in factors]
         gen = torch.Generator(device=dev)
         gen.manual_seed(module_seed(seed, name))
         result = m.fn(factors, [weights[i] for i in holders], rank, generator=gen, **opts)
@@ -166,6 +169,19 @@ def prune(adapter: Adapter, rank: int, seed: int = 0, device: str | torch.device
         raise LoraLegoError("prune needs --rank")
     return merge([adapter], method="lego", rank=rank, weights=[1.0], seed=seed, device=device,
                  progress=progress, **options)
+
+
+MAX_ABS = 1e12  # far beyond any trained LoRA; squared distances of such values still fit in float32
+
+
+def _check_magnitude(f: Factors, weight: float, label: str, name: str) -> None:
+    """Refuse values so large that the float32 math (squared distances in k-means, sums) would overflow:
+    finite, but only a corrupt file or an absurd alpha or weight makes them."""
+    peak = max((float(t.abs().max()) for t in (f.A, f.B) if t.numel()), default=0.0) * max(1.0, abs(weight))
+    if peak > MAX_ABS:
+        raise LoraLegoError(f"a factor value with its scale and weight reaches {peak:.3g}, beyond the {MAX_ABS:.0e} "
+                            "that merging handles in float32 (a corrupt file, or an absurd lora_alpha or weight?)",
+                            path=label, module=name)
 
 
 def _check_compatible_configs(adapters: Sequence[Adapter]) -> None:
