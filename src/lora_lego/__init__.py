@@ -14,12 +14,13 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .adapter import Adapter, Factors, ModuleSpec  # noqa: E402
 from .errors import LoraLegoError  # noqa: E402
-from .formats import load_adapter  # noqa: E402
+from .formats import convert, load_adapter  # noqa: E402
 from .io import save_adapter  # noqa: E402
 from .merge import merge, prune  # noqa: E402
+from .integrations.peft import merge_peft_adapters  # noqa: E402
 from .methods import METHODS  # noqa: E402
 
 __all__ = [
     "Adapter", "Factors", "ModuleSpec", "LoraLegoError", "METHODS",
-    "load_adapter", "save_adapter", "merge", "prune", "__version__",
+    "load_adapter", "save_adapter", "convert", "merge", "prune", "merge_peft_adapters", "__version__",
 ]

@@ -12,6 +12,7 @@ import torch
 from . import __version__
 from .adapter import Adapter, Factors, ModuleSpec, widest_dtype
 from .errors import LoraLegoError
+from .formats.names import check_qkv_layouts
 from .methods import MergeMethod, get_method
 
 ProgressFn = Callable[[int, int, str], None]
@@ -93,6 +94,7 @@ def merge(
         raise LoraLegoError("--weights must be finite numbers")
     dev = resolve_device(device)
     _check_compatible_configs(adapters)
+    check_qkv_layouts(adapters)
 
     names: list[str] = []
     seen = set()
@@ -122,7 +124,10 @@ def merge(
         if len(holders) < len(adapters):
             partial[name] = holders
         dtypes.update(s.dtype for s in specs)
-        factors = [adapters[i].factors(name).to(dev) for i in holders]
+        factors = [adapters[i].factors(name) for i in holders]
+        for i, f in zip(holders, factors):
+            _check_magnitude(f, weights[i], adapters[i].label, name)
+        factors = [f.to(dev) for f in factors]
         gen = torch.Generator(device=dev)
         gen.manual_seed(module_seed(seed, name))
         result = m.fn(factors, [weights[i] for i in holders], rank, generator=gen, **opts)
@@ -164,6 +169,21 @@ def prune(adapter: Adapter, rank: int, seed: int = 0, device: str | torch.device
         raise LoraLegoError("prune needs --rank")
     return merge([adapter], method="lego", rank=rank, weights=[1.0], seed=seed, device=device,
                  progress=progress, **options)
+
+
+MAX_ABS = 1e12  # far beyond any trained LoRA; squared distances of such values still fit in float32
+
+
+def _check_magnitude(f: Factors, weight: float, label: str, name: str) -> None:
+    """Refuse values so large that the float32 math (squared distances in k-means, sums) would overflow:
+    finite, but only a corrupt file or an absurd alpha or weight makes them."""
+    # min and max in one pass, without the copy that abs() would make
+    peak = max((max(-float(lo), float(hi)) for lo, hi in (torch.aminmax(t) for t in (f.A, f.B) if t.numel())),
+               default=0.0) * max(1.0, abs(weight))
+    if peak > MAX_ABS:
+        raise LoraLegoError(f"a factor value with its scale and weight reaches {peak:.3g}, beyond the {MAX_ABS:.0e} "
+                            "that merging handles in float32 (a corrupt file, or an absurd lora_alpha or weight?)",
+                            path=label, module=name)
 
 
 def _check_compatible_configs(adapters: Sequence[Adapter]) -> None:

@@ -40,7 +40,8 @@ class TensorSource:
                     state = torch.load(path, map_location="cpu", weights_only=True)
                 except Exception as e:
                     raise LoraLegoError(f"cannot read PyTorch weights ({_short(e)})", path=path) from None
-            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in state.items()):
                 raise LoraLegoError("is not a flat mapping of names to tensors", path=path)
             header = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
             return cls(path, header, state)
@@ -91,19 +92,20 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torc
         header = json.loads(raw.decode("utf-8"))
     except LoraLegoError:
         raise
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise LoraLegoError(f"is not a valid safetensors file ({_short(e)})", path=path) from None
     if not isinstance(header, dict):
         raise LoraLegoError("is not a valid safetensors file (header is not an object)", path=path)
     data_size = size - 8 - n
     out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    ranges: list[tuple[int, int]] = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
         try:
             dtype = _ST_DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            start, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(_whole(s) for s in info["shape"])
+            start, end = (_whole(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise LoraLegoError(f"is corrupt (bad header entry for {key})", path=path) from None
         numel = 1
@@ -114,6 +116,8 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torc
         if not 0 <= start <= end <= data_size or end - start != numel * _itemsize(dtype):
             raise LoraLegoError(f"is truncated or corrupt (tensor {key} lies outside the file's data)", path=path)
         out[key] = (shape, dtype)
+        ranges.append((start, end))
+    _check_layout(ranges, data_size, path)
     return out
 
 
@@ -145,6 +149,26 @@ def check_finite(t: torch.Tensor, path: object, module: str, what: str) -> None:
         raise LoraLegoError(f"{what} contains {bad}", path=path, module=module)
 
 
+def _whole(x: object) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise ValueError(f"{x!r} is not a whole number")
+    return x
+
+
+def _check_layout(ranges: list[tuple[int, int]], data_size: int, path: Path) -> None:
+    """The safetensors rule: the tensors tile the data section exactly, no gap, overlap or trailing byte
+    (so a truncated or appended-to file is caught from its header alone)."""
+    end = 0
+    for start, stop in sorted(ranges):
+        if start != end:
+            raise LoraLegoError(f"is corrupt (tensor data {'overlaps' if start < end else 'has a gap'} at byte {start})",
+                                path=path)
+        end = stop
+    if end != data_size:
+        raise LoraLegoError(f"is truncated or corrupt (tensors end at data byte {end}, the file's data has {data_size})",
+                            path=path)
+
+
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -153,21 +177,28 @@ def _short(e: Exception) -> str:
     return " ".join(str(e).split())[:200] or type(e).__name__
 
 
-_FINITE_MAX = {torch.float16: 65504.0}
-
-
 def store_dtype(tensors, wanted: torch.dtype, path: object, warn=None) -> torch.dtype:
-    """``wanted``, unless a value would overflow it (fp16 holds at most 65504): then float32, said on
-    ``warn``."""
-    limit = _FINITE_MAX.get(wanted)
-    if limit is None:
+    """``wanted``, unless a value would overflow it (fp16 holds at most 65504, float8 less): then float32,
+    said on ``warn`` with the tensor that overflowed. ``tensors`` is a mapping of names to tensors, or an
+    iterable of tensors."""
+    if not wanted.is_floating_point or wanted in (torch.float32, torch.float64):
         return wanted
-    peak = max((float(t.detach().abs().max()) for t in tensors if t.numel()), default=0.0)
+    limit = torch.finfo(wanted).max
+    items = tensors.items() if hasattr(tensors, "items") else ((None, t) for t in tensors)
+    peak, where = 0.0, None
+    for name, t in items:
+        if t.numel():
+            m = float(t.detach().abs().max())
+            if m > peak:
+                peak, where = m, name
     if peak <= limit:
         return wanted
     if warn is not None:
-        warn(f"{path}: a merged value ({peak:.3g}) exceeds the {str(wanted).replace('torch.', '')} range; "
-             "stored in float32 instead")
+        from ..output import output_label
+
+        name = str(wanted).replace("torch.", "")
+        warn(f"{output_label(path)}: a merged value ({peak:.3g}{f' in {where}' if where else ''}) exceeds the {name} range "
+             f"(max {limit:.6g}); stored in float32 instead of {name}")
     return torch.float32
 
 
