@@ -146,3 +146,10 @@ def test_fewer_distinct_points_than_k_are_found_by_the_initialisation():
     X = torch.cat([torch.zeros(6, 2), torch.tensor([[10.0, 0.0], [0.0, 10.0]])])
     res = kmeans(X, 4, generator=gen())
     assert res.centers.shape[0] == 3 and res.inertia == 0.0
+
+
+def test_gram_matrix_by_blocks_equals_x_xt():
+    X = torch.randn(100, 300, generator=gen(4), dtype=torch.float64)
+    G = gram_matrix(X)
+    assert torch.allclose(G, X @ X.T, rtol=1e-12, atol=1e-10)
+    assert torch.equal(G[50:, :50], G[:50, 50:].T)  # the lower block is the upper one, transposed

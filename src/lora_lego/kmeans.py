@@ -50,8 +50,19 @@ _COINCIDE_EPS = 64
 
 
 def gram_matrix(X: torch.Tensor) -> torch.Tensor:
-    """G = X Xᵀ, the inner products between the rows of X."""
-    return X @ X.T
+    """G = X Xᵀ, the inner products between the rows of X. With the rows in two halves only three of the
+    four blocks are multiplied (G is symmetric): 3/4 of the work of X @ X.T, the dominant cost of lego."""
+    n = X.shape[0]
+    if n < 64:
+        return X @ X.T
+    h = n // 2
+    top, bottom = X[:h], X[h:]
+    G = torch.empty(n, n, dtype=X.dtype, device=X.device)
+    G[:h, :h] = top @ top.T
+    G[:h, h:] = top @ bottom.T
+    G[h:, :h] = G[:h, h:].T
+    G[h:, h:] = bottom @ bottom.T
+    return G
 
 
 def _zero_round_off(d: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
