@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import torch
@@ -108,7 +109,9 @@ def merge(
     templates: dict[str, ModuleSpec] = {}
     partial: dict[str, list[int]] = {}
     dtypes = set()
-    for done, name in enumerate(names):
+
+    def merge_module(name: str, read: Future, done: int) -> None:
+        """Check, merge and keep one module; ``read`` holds its factors (read in the helper thread)."""
         holders = [i for i, a in enumerate(adapters) if name in a.modules]
         specs = [adapters[i].modules[name] for i in holders]
         first = specs[0]
@@ -124,7 +127,7 @@ def merge(
         if len(holders) < len(adapters):
             partial[name] = holders
         dtypes.update(s.dtype for s in specs)
-        factors = [adapters[i].factors(name) for i in holders]
+        factors = read.result()
         for i, f in zip(holders, factors):
             _check_magnitude(f, weights[i], adapters[i].label, name)
         factors = [f.to(dev) for f in factors]
@@ -137,6 +140,18 @@ def merge(
         templates[name] = first
         if progress is not None:
             progress(done + 1, len(names), name)
+
+    def read_module(name: str) -> list[Factors]:
+        return [a.factors(name) for a in adapters if name in a.modules]
+
+    # the next module is read in a helper thread while this one merges (reading and converting to
+    # float32 use another core; file reads and torch release the GIL); at most two modules are held
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        upcoming = reader.submit(read_module, names[0]) if names else None
+        for done, name in enumerate(names):
+            current = upcoming
+            upcoming = reader.submit(read_module, names[done + 1]) if done + 1 < len(names) else None
+            merge_module(name, current, done)
 
     base_models = [a.base_model for a in adapters if a.base_model]
     config = _output_config(adapters)
