@@ -98,3 +98,78 @@ def peft_deltas(base_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
         if k.endswith(".weight") and k in before and not torch.equal(v, before[k]):
             out[k[: -len(".weight")]] = (v - before[k]).float()
     return out
+
+
+def tiny_unet(seed: int = 0):
+    """A tiny random diffusers UNet2DConditionModel (SD 1.x layout): linear attention, 1x1 and 3x3 convs."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+                                attention_head_dim=2, norm_num_groups=4)
+
+
+UNET_TARGETS = ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+                "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0",
+                "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj",
+                "down_blocks.0.attentions.0.proj_in",  # 1x1 conv
+                "mid_block.resnets.0.conv1",  # 3x3 conv
+                "up_blocks.1.resnets.0.time_emb_proj")
+
+
+def unet_lora(unet, rank: int, seed: int, targets=UNET_TARGETS):
+    """Random LoRA factors for ``targets`` of ``unet``: {dotted name: (down, up)} in kohya's stored shapes."""
+    g = torch.Generator().manual_seed(seed)
+    mods = dict(unet.named_modules())
+    out = {}
+    for name in targets:
+        w = mods[name].weight
+        if w.dim() == 4:
+            down = torch.randn(rank, w.shape[1], *w.shape[2:], generator=g) * 0.3
+            up = torch.randn(w.shape[0], rank, 1, 1, generator=g) * 0.3
+        else:
+            down = torch.randn(rank, w.shape[1], generator=g) * 0.3
+            up = torch.randn(w.shape[0], rank, generator=g) * 0.3
+        out[name] = (down, up)
+    return out
+
+
+def write_kohya(path: Path, modules: dict[str, tuple[torch.Tensor, torch.Tensor]], *, alpha: float | None,
+                prefix: str = "lora_unet", metadata: dict[str, str] | None = None,
+                dtype: torch.dtype = torch.float32) -> Path:
+    """A kohya .safetensors file: ``<prefix>_<name with _>.lora_down.weight`` etc. ``alpha`` None: no alpha keys."""
+    tensors = {}
+    for name, (down, up) in modules.items():
+        k = f"{prefix}_{name.replace('.', '_')}"
+        tensors[f"{k}.lora_down.weight"] = down.to(dtype).contiguous()
+        tensors[f"{k}.lora_up.weight"] = up.to(dtype).contiguous()
+        if alpha is not None:
+            tensors[f"{k}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    save_file(tensors, str(path), metadata=metadata)
+    return Path(path)
+
+
+def flat_delta(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """ΔW = up @ down with conv factors flattened, reshaped to the weight's shape."""
+    d = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+    return d.reshape(up.shape[0], *down.shape[1:])
+
+
+def merged_unet_deltas(unet_factory, load) -> dict[str, torch.Tensor]:
+    """ΔW per module as diffusers applies it: ``load(unet)`` loads a LoRA, every LoRA layer is merged into its
+    base weight, and the weights before are subtracted."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    unet = unet_factory()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    load(unet)
+    out = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            w = module.get_base_layer().weight.detach()
+            out[name] = (w - before[f"{name}.weight"]).float()
+    return out

@@ -48,6 +48,7 @@ def test_errors_are_one_line_exit_2_and_write_nothing(tmp_path, args, message):
 def test_existing_output_needs_force(tmp_path):
     a = random_adapter(tmp_path / "a")
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "adapter_config.json").write_text("{}")  # an earlier output
     (tmp_path / "out" / "keep").write_text("x")
     proc = run_cli("merge", a, "-o", tmp_path / "out")
     assert proc.returncode == 2 and "pass --force" in proc.stderr

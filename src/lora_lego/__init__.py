@@ -4,14 +4,23 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# torch's OpenMP threads spin while they wait for work. On a machine whose cores are busy with other
+# processes that spinning made a merge 15-35x slower than one thread (benchmarks/speed/RESULTS.md);
+# waiting threads sleep instead unless the user set a policy. Takes effect only where torch is not
+# imported yet (the CLI, or `import lora_lego` first).
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .adapter import Adapter, Factors, ModuleSpec  # noqa: E402
 from .errors import LoraLegoError  # noqa: E402
-from .formats import load_adapter  # noqa: E402
+from .formats import convert, load_adapter  # noqa: E402
 from .io import save_adapter  # noqa: E402
 from .merge import merge, prune  # noqa: E402
+from .integrations.peft import merge_peft_adapters  # noqa: E402
 from .methods import METHODS  # noqa: E402
 
 __all__ = [
     "Adapter", "Factors", "ModuleSpec", "LoraLegoError", "METHODS",
-    "load_adapter", "save_adapter", "merge", "prune", "__version__",
+    "load_adapter", "save_adapter", "convert", "merge", "prune", "merge_peft_adapters", "__version__",
 ]

@@ -1,11 +1,29 @@
-"""k-means in torch, on any device: greedy k-means++ initialisation, several restarts keeping the lowest
-inertia, empty clusters re-seeded, bit-identical results for a fixed generator seed."""
+"""k-means from the Gram matrix of the points: the data on any torch device, the clustering on n x n arrays.
+
+Every step of k-means needs only inner products between points: a centre is a mean of points, so
+|x_i - c_j|^2 = G_ii - 2 (w_j G)_i + w_j G w_jᵀ, with G = X Xᵀ (n x n) and w_j the row of membership
+weights (1/|cluster| on its members). One Gram matrix per module, computed once from the data, makes every
+later iteration cost O(n^2 k) instead of O(n k d): with LoRA units n = N r is a few hundred while
+d = d_in + d_out is tens of thousands. The centres themselves are formed once, at the end, as W X.
+
+The products X Xᵀ and W X run where X is (``--device``); the clustering in between touches only n x n
+matrices, so it runs on the CPU in float64 with numpy, whose small operations cost microseconds where
+a torch call costs tens (a few hundred of them per module).
+
+Greedy k-means++ initialisation, several restarts keeping the lowest inertia, empty clusters re-seeded
+with the point farthest from its centre. Restarts run side by side as one batch, and ``kmeans_gram``
+takes a batch of Gram matrices (several modules of equal pool size) with one generator each; the random
+numbers of a module come from its own generator only, so a module's result does not depend on what else
+is in the batch. The same inputs and generator seeds give bit-identical results on one device.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -16,64 +34,187 @@ class KMeansResult:
     inertia: float  # sum of squared distances to the assigned centre
 
 
-def _sq_dist(X: torch.Tensor, sq_norms: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """Squared distances (n x k) by |x|^2 - 2 x.c + |c|^2, clamped at 0 against round-off."""
-    d = sq_norms[:, None] - 2.0 * (X @ C.T) + (C * C).sum(1)[None, :]
-    return d.clamp_min_(0.0)
+@dataclass
+class GramKMeansResult:
+    """A clustering found from the Gram matrix: centre j is ``weights[j] @ X``."""
+
+    weights: torch.Tensor  # (k_formed x n), row j: 1/|cluster| on the members its centre averages
+    labels: torch.Tensor  # (n,) int64
+    inertia: float
 
 
-def kmeans_plus_plus(X: torch.Tensor, k: int, generator: torch.Generator, n_local_trials: int | None = None) -> torch.Tensor:
-    """Indices of up to k initial centres. Stops early when every remaining point coincides with a chosen
-    centre (fewer distinct points than k): those clusters could only be empty."""
+# Distances below this many float epsilons (of the Gram matrix's dtype) of |x_i|^2 + |x_j|^2 are round-off
+# of the Gram formula: the points coincide. Exact duplicates then count as one point, as they would with
+# exact differences.
+_COINCIDE_EPS = 64
+
+
+def gram_matrix(X: torch.Tensor) -> torch.Tensor:
+    """G = X Xᵀ, the inner products between the rows of X. With the rows in two halves only three of the
+    four blocks are multiplied (G is symmetric): 3/4 of the work of X @ X.T, the dominant cost of lego."""
     n = X.shape[0]
-    if n_local_trials is None:
-        n_local_trials = 2 + int(math.log(k))
-    first = int(torch.randint(n, (1,), generator=generator, device=generator.device).item())
-    chosen = [first]
-    # exact differences, so duplicates of a chosen point get distance exactly 0
-    closest = ((X - X[first]) ** 2).sum(1)
-    for _ in range(1, k):
-        total = closest.sum()
-        if not total > 0:
+    if n < 64:
+        return X @ X.T
+    h = n // 2
+    top, bottom = X[:h], X[h:]
+    G = torch.empty(n, n, dtype=X.dtype, device=X.device)
+    G[:h, :h] = top @ top.T
+    G[:h, h:] = top @ bottom.T
+    G[h:, :h] = G[:h, h:].T
+    G[h:, h:] = bottom @ bottom.T
+    return G
+
+
+def _zero_round_off(d: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
+    """Clamp squared distances at 0 and set those within round-off of ``scale`` (|x|^2 + |c|^2) to 0."""
+    d = np.maximum(d, 0.0)
+    d[d <= eps * scale] = 0.0
+    return d
+
+
+def _plus_plus(D: np.ndarray, u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy k-means++ for a batch: D (m x n x n) pairwise squared distances, u (m x R x k x t) uniforms in
+    [0, 1) for R restarts and t local trials. Returns the chosen point indices (m x R x k) and which of them
+    are real centres: once every point coincides with a chosen one (fewer distinct points than k), no
+    further centre is taken and the remaining slots stay inactive."""
+    m, R, _, t = u.shape
+    n = D.shape[1]
+    mods = np.arange(m)[:, None, None]  # module of each batch element
+    chosen = np.zeros((m, R, k), dtype=np.int64)
+    active = np.zeros((m, R, k), dtype=bool)
+    first = np.minimum((u[:, :, 0, 0] * n).astype(np.int64), n - 1)
+    chosen[:, :, 0] = first
+    active[:, :, 0] = True
+    closest = D[mods[:, :, 0], first]  # (m x R x n)
+    for s in range(1, k):
+        cum = np.cumsum(closest, axis=-1)
+        total = cum[..., -1]
+        live = total > 0
+        if not live.any():
             break
-        cand = torch.multinomial(closest, n_local_trials, replacement=True, generator=generator)
-        cand_d = torch.stack([((X - X[c]) ** 2).sum(1) for c in cand.tolist()])  # (t x n)
-        new_closest = torch.minimum(closest[None, :], cand_d)
-        best = int(new_closest.sum(1).argmin().item())
-        chosen.append(int(cand[best].item()))
-        closest = new_closest[best]
-    return torch.tensor(chosen, device=X.device)
+        # inverse-CDF sampling of t candidates with probability proportional to `closest`; the target stays
+        # below the total so that it lands on a point of positive weight
+        target = np.minimum(u[:, :, s, :] * total[..., None], np.nextafter(total, 0.0)[..., None])
+        cand = np.minimum((cum[:, :, None, :] <= target[..., None]).sum(-1), n - 1)  # (m x R x t)
+        new_closest = np.minimum(closest[:, :, None, :], D[mods, cand])  # (m x R x t x n)
+        best = new_closest.sum(-1).argmin(-1)  # the candidate that lowers the potential most
+        chosen[:, :, s] = np.take_along_axis(cand, best[..., None], -1)[..., 0]
+        active[:, :, s] = live
+        picked = np.take_along_axis(new_closest, best[..., None, None], 2)[:, :, 0]
+        closest = np.where(live[..., None], picked, closest)
+    return chosen, active
 
 
-def _lloyd(X: torch.Tensor, sq_norms: torch.Tensor, centers: torch.Tensor, max_iter: int, tol: float):
-    n, k = X.shape[0], centers.shape[0]
+def _assign(G: np.ndarray, diag: np.ndarray, W: np.ndarray, active: np.ndarray, eps: float):
+    """Squared distances of every point to every centre (m x R x k x n), from the membership weights W
+    (m x R x k x n); inactive centres are at +inf. Also returns S = W G and |c_j|^2."""
+    m, R, k, n = W.shape
+    S = np.matmul(W.reshape(m, R * k, n), G).reshape(m, R, k, n)  # S[j, i] = c_j . x_i
+    cc = (S * W).sum(-1)
+    scale = diag[:, None, None, :] + cc[..., None]
+    d = _zero_round_off(scale - 2.0 * S, scale, eps)
+    d[~active] = np.inf
+    return d, S, cc
+
+
+def _memberships(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Membership weights (... x k x n), 1/|cluster| on each member, and the cluster sizes (... x k)."""
+    onehot = np.swapaxes(np.eye(k)[labels], -1, -2)
+    counts = onehot.sum(-1)
+    return onehot / np.maximum(counts, 1)[..., None], counts
+
+
+def _reseed_empty(min_d: np.ndarray, labels: np.ndarray, counts: np.ndarray, empty: list[int]) -> None:
+    """Give each empty cluster (in order) the point farthest from its centre among those whose cluster
+    keeps at least one member; modifies ``labels`` of one restart in place."""
+    order = np.argsort(-min_d, kind="stable").tolist()
+    cnt = counts.astype(np.int64).tolist()
+    taken = set()
+    for j, idx in zip(empty, (i for i in order if cnt[labels[i]] > 1 and i not in taken)):
+        taken.add(idx)
+        cnt[labels[idx]] -= 1
+        labels[idx] = j
+        cnt[j] = 1
+
+
+def _lloyd(G: np.ndarray, diag: np.ndarray, W: np.ndarray, active: np.ndarray, max_iter: int, tol: np.ndarray,
+           eps: float):
+    """Lloyd iterations for a batch of restarts, each frozen once its labels stop changing or its centres
+    move by at most ``tol`` (m x 1). Returns the final membership weights, labels and inertia per restart."""
+    m, R, k, n = W.shape
     labels = None
+    done = np.zeros((m, R), dtype=bool)
+    d, S, cc = _assign(G, diag, W, active, eps)
     for _ in range(max_iter):
-        d = _sq_dist(X, sq_norms, centers)
-        min_d, new_labels = d.min(1)
-        counts = torch.bincount(new_labels, minlength=k)
-        empty = (counts == 0).nonzero().flatten().tolist()
-        if empty:
-            # re-seed each empty cluster with the point farthest from its centre
-            order = min_d.argsort(descending=True).tolist()
-            taken = set()
-            for j, idx in zip(empty, (i for i in order if counts[new_labels[i]] > 1 and i not in taken)):
-                taken.add(idx)
-                counts[new_labels[idx]] -= 1
-                new_labels[idx] = j
-                counts[j] = 1
-        sums = torch.zeros_like(centers).index_add_(0, new_labels, X)
-        new_centers = sums / counts.clamp_min(1)[:, None].to(X.dtype)
-        shift = ((new_centers - centers) ** 2).sum()
-        centers = new_centers
-        if labels is not None and torch.equal(labels, new_labels):
+        new_labels = d.argmin(2)  # (m x R x n), the first of equally near centres
+        W_new, counts = _memberships(new_labels, k)
+        empty = active & (counts == 0) & ~done[..., None]
+        if empty.any():
+            min_d = d.min(2)
+            for i, r in zip(*np.nonzero(empty.any(-1))):
+                _reseed_empty(min_d[i, r], new_labels[i, r], counts[i, r], np.nonzero(empty[i, r])[0].tolist())
+            W_new, counts = _memberships(new_labels, k)
+        d_new, S_new, cc_new = _assign(G, diag, W_new, active, eps)
+        # |c_new - c_old|^2 per centre, from products already at hand
+        shift = np.where(active, cc_new - 2.0 * (S_new * W).sum(-1) + cc, 0.0).clip(min=0.0).sum(-1)
+        keep = done[..., None, None]
+        W = np.where(keep, W, W_new)
+        d = np.where(keep, d, d_new)
+        cc = np.where(done[..., None], cc, cc_new)
+        same = np.zeros_like(done) if labels is None else (labels == new_labels).all(-1)
+        labels = new_labels if labels is None else np.where(done[..., None], labels, new_labels)
+        done = done | same | (shift <= tol)
+        if done.all():
             break
-        labels = new_labels
-        if shift <= tol:
-            break
-    d = _sq_dist(X, sq_norms, centers)
-    min_d, labels = d.min(1)
-    return centers, labels, float(min_d.sum())
+    return W, d.argmin(2), d.min(2).sum(-1)
+
+
+def kmeans_gram(G: torch.Tensor, k: int, *, generators: Sequence[torch.Generator], n_init: int = 10,
+                max_iter: int = 100, tol: float = 1e-10) -> list[GramKMeansResult]:
+    """Cluster the points behind a batch of Gram matrices G (m x n x n, or one n x n matrix) into at most
+    k clusters each, with generator ``generators[i]`` for matrix i. Fewer than k clusters are formed only
+    when there are fewer than k distinct points; with k >= n every point is its own cluster.
+
+    ``tol`` is relative to the mean squared norm of the points: a restart stops when its labels repeat
+    or its centres move by at most that much in total."""
+    if G.dim() == 2:
+        G = G[None]
+    m, n, _ = G.shape
+    if len(generators) != m:
+        raise ValueError(f"{m} Gram matrices but {len(generators)} generators")
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    if k >= n:
+        eye = torch.eye(n, dtype=G.dtype, device=G.device)
+        return [GramKMeansResult(eye, torch.arange(n, device=G.device), 0.0) for _ in range(m)]
+    R = max(1, n_init)
+    t = 2 + int(math.log(k))
+    u = torch.stack([torch.rand(R, k, t, generator=g, device=g.device, dtype=torch.float64) for g in generators])
+    # the clustering itself works on n x n matrices: a few hundred points whatever the data's width, so it
+    # runs on the CPU in float64 (numpy: small operations cost microseconds), on any device's Gram matrix
+    eps = _COINCIDE_EPS * torch.finfo(G.dtype).eps
+    G64 = G.detach().to("cpu", torch.float64).numpy()
+    diag = np.ascontiguousarray(np.diagonal(G64, axis1=1, axis2=2))
+    scale = diag[:, :, None] + diag[:, None, :]
+    D = _zero_round_off(scale - 2.0 * G64, scale, eps)  # every pairwise squared distance
+    chosen, active = _plus_plus(D, u.cpu().numpy(), k)
+    W0 = np.eye(n)[chosen]  # each centre starts on its chosen point
+    mean_sq = np.maximum(diag.sum(1) / n, 1e-30)
+    W, labels, inertia = _lloyd(G64, diag, W0, active, max_iter, (tol * mean_sq)[:, None], eps)
+    best = inertia.argmin(1)  # the first restart of lowest inertia
+    out = []
+    for i in range(m):
+        b = int(best[i])
+        w, lab = W[i, b], labels[i, b]
+        used = np.bincount(lab, minlength=k) > 0
+        if not used.all():
+            # drop clusters left empty by the final assignment (and inactive ones) and renumber labels
+            remap = np.cumsum(used) - 1
+            w, lab = w[used], remap[lab]
+        out.append(GramKMeansResult(torch.from_numpy(np.ascontiguousarray(w)).to(G.device, G.dtype),
+                                    torch.from_numpy(np.ascontiguousarray(lab)).to(G.device),
+                                    float(inertia[i, b])))
+    return out
 
 
 def kmeans(X: torch.Tensor, k: int, *, generator: torch.Generator, n_init: int = 10, max_iter: int = 100,
@@ -85,20 +226,5 @@ def kmeans(X: torch.Tensor, k: int, *, generator: torch.Generator, n_init: int =
         raise ValueError("k must be >= 1")
     if k >= n:
         return KMeansResult(X.clone(), torch.arange(n, device=X.device), 0.0)
-    sq_norms = (X * X).sum(1)
-    scale = float(sq_norms.sum()) / max(n, 1)
-    best: KMeansResult | None = None
-    for _ in range(max(1, n_init)):
-        init = kmeans_plus_plus(X, k, generator)
-        centers, labels, inertia = _lloyd(X, sq_norms, X[init].clone(), max_iter, tol * max(scale, 1e-30))
-        if best is None or inertia < best.inertia:
-            best = KMeansResult(centers, labels, inertia)
-        if inertia == 0.0:
-            break
-    assert best is not None
-    used = torch.bincount(best.labels, minlength=best.centers.shape[0]) > 0
-    if not bool(used.all()):
-        # drop clusters left empty by the final assignment and renumber labels
-        remap = torch.cumsum(used.long(), 0) - 1
-        best = KMeansResult(best.centers[used], remap[best.labels], best.inertia)
-    return best
+    res = kmeans_gram(gram_matrix(X), k, generators=[generator], n_init=n_init, max_iter=max_iter, tol=tol)[0]
+    return KMeansResult(res.weights @ X, res.labels, res.inertia)

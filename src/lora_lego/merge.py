@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import torch
@@ -12,6 +13,7 @@ import torch
 from . import __version__
 from .adapter import Adapter, Factors, ModuleSpec, widest_dtype
 from .errors import LoraLegoError
+from .formats.names import check_qkv_layouts
 from .methods import MergeMethod, get_method
 
 ProgressFn = Callable[[int, int, str], None]
@@ -93,6 +95,7 @@ def merge(
         raise LoraLegoError("--weights must be finite numbers")
     dev = resolve_device(device)
     _check_compatible_configs(adapters)
+    check_qkv_layouts(adapters)
 
     names: list[str] = []
     seen = set()
@@ -106,7 +109,9 @@ def merge(
     templates: dict[str, ModuleSpec] = {}
     partial: dict[str, list[int]] = {}
     dtypes = set()
-    for done, name in enumerate(names):
+
+    def merge_module(name: str, read: Future, done: int) -> None:
+        """Check, merge and keep one module; ``read`` holds its factors (read in the helper thread)."""
         holders = [i for i, a in enumerate(adapters) if name in a.modules]
         specs = [adapters[i].modules[name] for i in holders]
         first = specs[0]
@@ -122,7 +127,10 @@ def merge(
         if len(holders) < len(adapters):
             partial[name] = holders
         dtypes.update(s.dtype for s in specs)
-        factors = [adapters[i].factors(name).to(dev) for i in holders]
+        factors = read.result()
+        for i, f in zip(holders, factors):
+            _check_magnitude(f, weights[i], adapters[i].label, name)
+        factors = [f.to(dev) for f in factors]
         gen = torch.Generator(device=dev)
         gen.manual_seed(module_seed(seed, name))
         result = m.fn(factors, [weights[i] for i in holders], rank, generator=gen, **opts)
@@ -132,6 +140,18 @@ def merge(
         templates[name] = first
         if progress is not None:
             progress(done + 1, len(names), name)
+
+    def read_module(name: str) -> list[Factors]:
+        return [a.factors(name) for a in adapters if name in a.modules]
+
+    # the next module is read in a helper thread while this one merges (reading and converting to
+    # float32 use another core; file reads and torch release the GIL); at most two modules are held
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        upcoming = reader.submit(read_module, names[0]) if names else None
+        for done, name in enumerate(names):
+            current = upcoming
+            upcoming = reader.submit(read_module, names[done + 1]) if done + 1 < len(names) else None
+            merge_module(name, current, done)
 
     base_models = [a.base_model for a in adapters if a.base_model]
     config = _output_config(adapters)
@@ -164,6 +184,21 @@ def prune(adapter: Adapter, rank: int, seed: int = 0, device: str | torch.device
         raise LoraLegoError("prune needs --rank")
     return merge([adapter], method="lego", rank=rank, weights=[1.0], seed=seed, device=device,
                  progress=progress, **options)
+
+
+MAX_ABS = 1e12  # far beyond any trained LoRA; squared distances of such values still fit in float32
+
+
+def _check_magnitude(f: Factors, weight: float, label: str, name: str) -> None:
+    """Refuse values so large that the float32 math (squared distances in k-means, sums) would overflow:
+    finite, but only a corrupt file or an absurd alpha or weight makes them."""
+    # min and max in one pass, without the copy that abs() would make
+    peak = max((max(-float(lo), float(hi)) for lo, hi in (torch.aminmax(t) for t in (f.A, f.B) if t.numel())),
+               default=0.0) * max(1.0, abs(weight))
+    if peak > MAX_ABS:
+        raise LoraLegoError(f"a factor value with its scale and weight reaches {peak:.3g}, beyond the {MAX_ABS:.0e} "
+                            "that merging handles in float32 (a corrupt file, or an absurd lora_alpha or weight?)",
+                            path=label, module=name)
 
 
 def _check_compatible_configs(adapters: Sequence[Adapter]) -> None:

@@ -60,11 +60,18 @@ def pool_units(factors: list[Factors], weights: list[float], split: str = "b",
                canonicalize: str = "none") -> tuple[torch.Tensor, int]:
     """Stack every input's units into one pool X (n x (d_in + d_out)), each row [a_i ; b_i]. Returns X and
     d_in, where the halves split."""
-    rows = []
+    d_in = factors[0].A.shape[1]
+    dtype = factors[0].A.dtype
+    for f in factors:
+        dtype = torch.promote_types(torch.promote_types(dtype, f.A.dtype), f.B.dtype)
+    X = torch.empty(sum(f.rank for f in factors), d_in + factors[0].B.shape[0], dtype=dtype, device=factors[0].A.device)
+    row = 0
     for f, w in zip(factors, weights):
         Ua, Ub = canonicalize_units(*units_from_factors(f, w, split), canonicalize)
-        rows.append(torch.cat([Ua, Ub], dim=1))
-    return torch.cat(rows, dim=0), factors[0].A.shape[1]
+        X[row:row + f.rank, :d_in] = Ua  # copied straight into place: one pass, no intermediate pools
+        X[row:row + f.rank, d_in:] = Ub
+        row += f.rank
+    return X, d_in
 
 
 def factors_from_units(X: torch.Tensor, d_in: int) -> Factors:

@@ -56,8 +56,10 @@ def read_config(path: Path) -> dict[str, Any]:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LoraLegoError(f"no {CONFIG_NAME} in this folder: not a PEFT adapter", path=path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoraLegoError(f"invalid JSON ({e})", path=cfg_path) from None
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, nesting too deep
+        raise LoraLegoError(f"invalid JSON ({_one_line(e)})", path=cfg_path) from None
+    except OSError as e:
+        raise LoraLegoError(f"cannot read ({e.strerror or e})", path=cfg_path) from None
     if not isinstance(config, dict):
         raise LoraLegoError("expected a JSON object", path=cfg_path)
     peft_type = str(config.get("peft_type", "LORA")).upper()
@@ -66,22 +68,43 @@ def read_config(path: Path) -> dict[str, Any]:
     if config.get("use_dora"):
         raise LoraLegoError("use_dora is true: DoRA adapters are not supported (their magnitude vector "
                             "does not merge by clustering rank units)", path=cfg_path)
-    for key in ("r", "lora_alpha"):
-        value = config.get(key, 8)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise LoraLegoError(f"{key} must be a positive number, got {value!r}", path=cfg_path)
-    for key in ("rank_pattern", "alpha_pattern"):
+    for key, whole in (("r", True), ("lora_alpha", False)):
+        _check_number(config.get(key, 8), key, whole, cfg_path)
+    for key, whole in (("rank_pattern", True), ("alpha_pattern", False)):
         value = config.get(key) or {}
         if not isinstance(value, dict):
             raise LoraLegoError(f"{key} must be an object, got {type(value).__name__}", path=cfg_path)
         for k, v in value.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise LoraLegoError(f"{key}[{k!r}] must be a positive number, got {v!r}", path=cfg_path)
+            _check_number(v, f"{key}[{_one_line(k)}]", whole, cfg_path)
             try:
-                re.compile(k)
-            except re.error as e:
-                raise LoraLegoError(f"{key} key {k!r} is not a valid pattern ({e})", path=cfg_path) from None
+                re.compile(rf"(.*\.)?({k})$")  # as get_pattern_key uses it
+            except (re.error, RecursionError, OverflowError) as e:
+                raise LoraLegoError(f"{key} key {_one_line(k)} is not a valid pattern ({_one_line(e)})", path=cfg_path) from None
+    target = config.get("target_modules")
+    if not (target is None or isinstance(target, str) or (isinstance(target, list) and all(isinstance(t, str) for t in target))):
+        raise LoraLegoError(f"target_modules must be a string or a list of strings, got {_one_line(target)}", path=cfg_path)
     return config
+
+
+def _check_number(value: Any, key: str, whole: bool, cfg_path: Path) -> None:
+    """r and rank_pattern values: whole numbers >= 1; lora_alpha and alpha_pattern values: finite and > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        ok = False
+    elif isinstance(value, int):
+        ok = 0 < value < 2**31  # a Python int may be too large for a float
+    else:
+        ok = math.isfinite(value) and value > 0 and (value.is_integer() or not whole)
+    if not ok:
+        raise LoraLegoError(f"{key} must be a {'whole number >= 1' if whole else 'finite number > 0'}, "
+                            f"got {_one_line(value)}", path=cfg_path)
+
+
+def _one_line(x: object) -> str:
+    """A short one-line rendering of a config value or an error (containers by type, never deep)."""
+    if isinstance(x, (list, dict)):
+        return f"a {'list' if isinstance(x, list) else 'JSON object'}"
+    text = " ".join(str(x if isinstance(x, Exception) else repr(x)).split())
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def module_rank_alpha(config: dict[str, Any], name: str) -> tuple[int, float]:
@@ -147,6 +170,8 @@ def load_peft(path: Path) -> Adapter:
                 raise LoraLegoError(f"conv lora_B must be (out, r, 1, 1), got {tuple(b_shape)}", path=weights, module=name)
         elif len(a_shape) != 2 or len(b_shape) != 2:
             raise LoraLegoError(f"unsupported factor shapes A {tuple(a_shape)}, B {tuple(b_shape)}", path=weights, module=name)
+        if 0 in a_shape or 0 in b_shape:
+            raise LoraLegoError(f"has an empty factor (A {tuple(a_shape)}, B {tuple(b_shape)})", path=weights, module=name)
         rank = a_shape[0]
         if b_shape[1] != rank:
             raise LoraLegoError(f"lora_A has rank {rank} but lora_B has {b_shape[1]}", path=weights, module=name)
@@ -168,7 +193,11 @@ def load_peft(path: Path) -> Adapter:
         B = source.get(roles["B"]).to(torch.float32).reshape(-1, spec.rank)
         check_finite(A, weights, name, "lora_A")
         check_finite(B, weights, name, "lora_B")
-        return Factors(A, B * spec.scale, spec.scale)
+        scaled = B * spec.scale
+        if not bool(torch.isfinite(scaled.sum())) and not torch.isfinite(scaled).all():  # the sum: one cheap pass
+            raise LoraLegoError(f"lora_B times the scale {spec.scale:.3g} (lora_alpha / r) overflows float32",
+                                path=weights, module=name)
+        return Factors(A, scaled, spec.scale)
 
     return Adapter(
         modules=modules,
@@ -182,6 +211,13 @@ def load_peft(path: Path) -> Adapter:
 
 def _strip_prefix(name: str) -> str:
     return name[len(PREFIX):] if name.startswith(PREFIX) else name
+
+
+def _target_name(name: str) -> str:
+    """The module's last name, or its last two where the last is an index (``to_out.0``): PEFT matches a
+    target against the end of a module's name, and a bare "0" would match whole blocks."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
 def peft_output_config(adapter: Adapter, template: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -210,7 +246,7 @@ def peft_output_config(adapter: Adapter, template: dict[str, Any] | None = None)
     if adapter.base_model is not None:
         config["base_model_name_or_path"] = adapter.base_model
     target = config.get("target_modules")
-    leaves = sorted({name.rsplit(".", 1)[-1] for name in adapter.modules})
+    leaves = sorted({_target_name(name) for name in adapter.modules})
     if isinstance(target, list):
         config["target_modules"] = sorted(set(target) | set(leaves))
     elif not isinstance(target, str):
@@ -235,9 +271,8 @@ def save_peft(adapter: Adapter, path: Path, *, metadata: dict[str, str] | None =
         else:
             tensors[f"{PREFIX}{name}.lora_A.weight"] = A
             tensors[f"{PREFIX}{name}.lora_B.weight"] = B
-    dtype = store_dtype(tensors.values(), adapter.dtype, path, warn)
-    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
+    dtype = store_dtype(tensors, adapter.dtype, path, warn)
     config = peft_output_config(adapter, template)
     (Path(path) / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    write_safetensors(Path(path) / SAFETENSORS_NAME, tensors, {"format": "pt", **(metadata or {})})
+    write_safetensors(Path(path) / SAFETENSORS_NAME, tensors, {"format": "pt", **(metadata or {})}, dtype=dtype)
     return dtype

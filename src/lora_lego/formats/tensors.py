@@ -18,12 +18,16 @@ _ST_DTYPES = {
 
 class TensorSource:
     """Keys, shapes and dtypes of a .safetensors or .bin file without reading the data; ``get`` reads one
-    tensor. Safetensors files are reopened per read so no memory map outlives the module that needed it."""
+    tensor. A safetensors tensor is read with a plain file read of its byte range into fresh memory: no
+    memory map, so the pages of the file never count in the process's memory and a tensor is freed as
+    soon as the module that needed it is done (8 maps of 7B adapters alone would hold ~640 MB)."""
 
-    def __init__(self, path: Path, header: dict[str, tuple[tuple[int, ...], torch.dtype]], state: dict | None):
+    def __init__(self, path: Path, header: dict[str, tuple[tuple[int, ...], torch.dtype]], state: dict | None,
+                 offsets: dict[str, tuple[int, int]] | None = None):
         self.path = path
         self._header = header
         self._state = state  # only for legacy .bin files, which torch maps lazily
+        self._offsets = offsets  # safetensors: key -> (byte offset in the file, byte length)
 
     @classmethod
     def open(cls, path: Path) -> "TensorSource":
@@ -36,11 +40,13 @@ class TensorSource:
                     state = torch.load(path, map_location="cpu", weights_only=True)
                 except Exception as e:
                     raise LoraLegoError(f"cannot read PyTorch weights ({_short(e)})", path=path) from None
-            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in state.items()):
                 raise LoraLegoError("is not a flat mapping of names to tensors", path=path)
             header = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
             return cls(path, header, state)
-        return cls(path, read_safetensors_header(path), None)
+        header = read_safetensors_header(path)
+        return cls(path, header, None, _safetensors_offsets(path))
 
     def keys(self) -> list[str]:
         return list(self._header)
@@ -54,13 +60,18 @@ class TensorSource:
     def get(self, key: str) -> torch.Tensor:
         if self._state is not None:
             return self._state[key]
-        from safetensors import safe_open
-
+        start, nbytes = self._offsets[key]
+        shape, dtype = self._header[key]
+        raw = torch.empty(nbytes, dtype=torch.uint8)
         try:
-            with safe_open(str(self.path), framework="pt") as f:
-                return f.get_tensor(key)
-        except Exception as e:
-            raise LoraLegoError(f"cannot read tensor {key} ({_short(e)})", path=self.path) from None
+            with open(self.path, "rb") as f:
+                f.seek(start)
+                got = f.readinto(raw.numpy()) if nbytes else 0
+        except OSError as e:
+            raise LoraLegoError(f"cannot read tensor {key} ({e.strerror or e})", path=self.path) from None
+        if got != nbytes:
+            raise LoraLegoError(f"is truncated (tensor {key} ends past the end of the file)", path=self.path)
+        return raw.view(dtype).reshape(shape)  # safetensors is little-endian, like every platform torch runs on
 
 
 def read_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -81,19 +92,20 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torc
         header = json.loads(raw.decode("utf-8"))
     except LoraLegoError:
         raise
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise LoraLegoError(f"is not a valid safetensors file ({_short(e)})", path=path) from None
     if not isinstance(header, dict):
         raise LoraLegoError("is not a valid safetensors file (header is not an object)", path=path)
     data_size = size - 8 - n
     out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    ranges: list[tuple[int, int]] = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
         try:
             dtype = _ST_DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            start, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(_whole(s) for s in info["shape"])
+            start, end = (_whole(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise LoraLegoError(f"is corrupt (bad header entry for {key})", path=path) from None
         numel = 1
@@ -104,7 +116,22 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torc
         if not 0 <= start <= end <= data_size or end - start != numel * _itemsize(dtype):
             raise LoraLegoError(f"is truncated or corrupt (tensor {key} lies outside the file's data)", path=path)
         out[key] = (shape, dtype)
+        ranges.append((start, end))
+    _check_layout(ranges, data_size, path)
     return out
+
+
+def _safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """Where each tensor's bytes lie in the file: (offset, length). Only after read_safetensors_header
+    has validated the header."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n).decode("utf-8"))
+    return {key: (8 + n + info["data_offsets"][0], info["data_offsets"][1] - info["data_offsets"][0])
+            for key, info in header.items() if key != "__metadata__"}
 
 
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
@@ -115,9 +142,31 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
 
 
 def check_finite(t: torch.Tensor, path: object, module: str, what: str) -> None:
-    if not torch.isfinite(t).all():
+    if bool(torch.isfinite(t.sum())):
+        return  # a NaN or Inf anywhere makes the sum NaN or Inf; one pass, nothing allocated
+    if not torch.isfinite(t).all():  # the sum may also overflow with every value finite
         bad = "NaN" if torch.isnan(t).any() else "Inf"
         raise LoraLegoError(f"{what} contains {bad}", path=path, module=module)
+
+
+def _whole(x: object) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise ValueError(f"{x!r} is not a whole number")
+    return x
+
+
+def _check_layout(ranges: list[tuple[int, int]], data_size: int, path: Path) -> None:
+    """The safetensors rule: the tensors tile the data section exactly, no gap, overlap or trailing byte
+    (so a truncated or appended-to file is caught from its header alone)."""
+    end = 0
+    for start, stop in sorted(ranges):
+        if start != end:
+            raise LoraLegoError(f"is corrupt (tensor data {'overlaps' if start < end else 'has a gap'} at byte {start})",
+                                path=path)
+        end = stop
+    if end != data_size:
+        raise LoraLegoError(f"is truncated or corrupt (tensors end at data byte {end}, the file's data has {data_size})",
+                            path=path)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -128,31 +177,40 @@ def _short(e: Exception) -> str:
     return " ".join(str(e).split())[:200] or type(e).__name__
 
 
-_FINITE_MAX = {torch.float16: 65504.0}
-
-
 def store_dtype(tensors, wanted: torch.dtype, path: object, warn=None) -> torch.dtype:
-    """``wanted``, unless a value would overflow it (fp16 holds at most 65504): then float32, said on
-    ``warn``."""
-    limit = _FINITE_MAX.get(wanted)
-    if limit is None:
+    """``wanted``, unless a value would overflow it (fp16 holds at most 65504, float8 less): then float32,
+    said on ``warn`` with the tensor that overflowed. ``tensors`` is a mapping of names to tensors, or an
+    iterable of tensors."""
+    if not wanted.is_floating_point or wanted in (torch.float32, torch.float64):
         return wanted
-    peak = max((float(t.detach().abs().max()) for t in tensors if t.numel()), default=0.0)
+    limit = torch.finfo(wanted).max
+    items = tensors.items() if hasattr(tensors, "items") else ((None, t) for t in tensors)
+    peak, where = 0.0, None
+    for name, t in items:
+        if t.numel():
+            m = float(t.detach().abs().max())
+            if m > peak:
+                peak, where = m, name
     if peak <= limit:
         return wanted
     if warn is not None:
-        warn(f"{path}: a merged value ({peak:.3g}) exceeds the {str(wanted).replace('torch.', '')} range; "
-             "stored in float32 instead")
+        from ..output import output_label
+
+        name = str(wanted).replace("torch.", "")
+        warn(f"{output_label(path)}: a merged value ({peak:.3g}{f' in {where}' if where else ''}) exceeds the {name} range "
+             f"(max {limit:.6g}); stored in float32 instead of {name}")
     return torch.float32
 
 
 _DTYPE_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                      dtype: torch.dtype | None = None) -> None:
     """Write a safetensors file with a deterministic header (sorted keys, metadata first), so that the
     same tensors and metadata always give the same bytes; the safetensors library orders metadata by a
-    hash map and does not. Tensors are written one at a time."""
+    hash map and does not. Tensors are converted to ``dtype`` (if given) and written one at a time, so
+    that no second copy of the whole output is ever held."""
     import json
 
     header: dict[str, object] = {}
@@ -162,8 +220,9 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     names = sorted(tensors)
     for name in names:
         t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        store = dtype or t.dtype
+        nbytes = t.numel() * _itemsize(store)
+        header[name] = {"dtype": _DTYPE_NAMES[store], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
@@ -171,6 +230,6 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for name in names:
-            t = tensors[name].detach().to("cpu").contiguous()
+            t = tensors[name].detach().to("cpu", dtype or tensors[name].dtype).contiguous()
             if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
