@@ -345,6 +345,24 @@ def e6_scale_probe(ctx: Context, lego_default: dict, lambdas=(1.5, 2.0, 3.0)) ->
     return recs
 
 
+# -- E6, output-scale rules ----------------------------------------------------------------------------
+GAIN_RULES = ("norm_rms", "norm_gain", "norm_geo")
+
+
+def e6_gain(ctx: Context, lego_default: dict, rules=GAIN_RULES) -> list[dict]:
+    """Validation only, on stage 2's task sets (all tasks, two of 4, two of 2): the data-free output-scale
+    rules against each other, everything else at the current default (run after the scale probe)."""
+    recs = []
+    for ts in subsets(ctx.tasks, ctx.seed):
+        for rule in rules:
+            c = dict(lego_default, output_reweight=rule)
+            m = run_merge([ctx.adapters[t] for t in ts], "lego", ctx.rank, None, ctx.seed, **c)
+            s = score(ctx.track, m.deltas, ts, "val")
+            recs.append(ctx.base_record("E6g", config=c, rule=rule, tasks=ts, split="val", scores=s, merge_s=m.seconds))
+            ctx.log(f"  E6g {rule} {','.join(ts)}: {mean(s):.4f}")
+    return recs
+
+
 # -- E4 ---------------------------------------------------------------------------------------------
 E4_RANKS = {"sms_spam": 4, "movie_sent": 4, "trec": 16, "tweet_sent": 16}
 
