@@ -349,11 +349,15 @@ def e6_scale_probe(ctx: Context, lego_default: dict, lambdas=(1.5, 2.0, 3.0)) ->
 GAIN_RULES = ("norm_rms", "norm_gain", "norm_geo")
 
 
-def e6_gain(ctx: Context, lego_default: dict, rules=GAIN_RULES) -> list[dict]:
-    """Validation only, on stage 2's task sets (all tasks, two of 4, two of 2): the data-free output-scale
-    rules against each other, everything else at the current default (run after the scale probe)."""
+def e6_gain(ctx: Context, lego_default: dict, rules=GAIN_RULES, subset_seeds=(0, 1, 2)) -> list[dict]:
+    """Validation only, on stage 2's task sets (all tasks, two of 4, two of 2) and on the 4- and 2-task
+    sets drawn with further subset seeds: the data-free output-scale rules against each other,
+    everything else at the current default (run after the scale probe)."""
     recs = []
-    for ts in subsets(ctx.tasks, ctx.seed):
+    sets = []
+    for sub in subset_seeds:
+        sets += [ts for ts in subsets(ctx.tasks, ctx.seed + sub) if ts not in sets]
+    for ts in sets:
         for rule in rules:
             c = dict(lego_default, output_reweight=rule)
             m = run_merge([ctx.adapters[t] for t in ts], "lego", ctx.rank, None, ctx.seed, **c)
