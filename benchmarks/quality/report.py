@@ -224,7 +224,34 @@ def section_e6(T: Track) -> str:
                      "input weighted λ > 1, i.e. the merged update scaled to λ times the RMS of the inputs' norms "
                      "(λ = 1 is the default, in the tables above):\n\n"
                      + table(["task set", *(f"λ={lam}" for lam in lams)], rows))
+    gain = T.exp("E6g")
+    if gain:
+        rules = list(dict.fromkeys(r["rule"] for r in gain))
+        g = grouped(gain, lambda r: ",".join(r["tasks"]))
+        rows, cols = [], {rule: [] for rule in rules}
+        for key, rs in g.items():
+            name = f"all {len(T.tasks)}" if len(rs[0]["tasks"]) == len(T.tasks) else " + ".join(map(short, rs[0]["tasks"]))
+            cells = []
+            for rule in rules:
+                v = mean(mean(r["scores"].values()) for r in rs if r["rule"] == rule)
+                cols[rule].append(v)
+                cells.append(f"{v:.3f}")
+            rows.append([name, *cells])
+        n0 = len(subsets_of_seed0(T))
+        rows.append([f"**average, stage 2's {n0} sets**", *(f"**{mean(cols[rule][:n0]):.3f}**" for rule in rules)])
+        rows.append([f"**average, all {len(rows) - 1} sets**", *(f"**{mean(cols[rule]):.3f}**" for rule in rules)])
+        parts.append("Output-scale rules without fitted constants (run after the scale probe; validation), everything "
+                     "else at the default (`joint`, `direction`): `norm_rms` scales the merged update to the RMS of "
+                     "the inputs' update norms, `norm_gain` to rms² / ‖mean update‖ (rms for identical inputs, up to "
+                     "rms·sqrt(N) for orthogonal ones), `norm_geo` to sqrt(rms · gain). The first 5 sets are stage 2's; "
+                     "the others are the 4- and 2-task sets drawn with subset seeds 1 and 2:\n\n"
+                     + table(["task set", *rules], rows))
     return "\n\n".join(parts)
+
+
+def subsets_of_seed0(T: Track) -> list[list[str]]:
+    from .experiments import subsets
+    return subsets(T.tasks, 0)
 
 
 def section_e7(T: Track, out: Path) -> str:
