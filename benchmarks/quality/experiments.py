@@ -173,16 +173,22 @@ def tune(ctx: Context, method: str, adapters: list[Adapter], tasks: list[str], r
     return best[1], recs
 
 
-def e1_methods(lego_default: dict) -> list[tuple[str, str, dict]]:
-    """(row label, registered method, fixed options) for E1."""
+# E1 rows for lego variants that are not the default, measured on request (run.py's E1v)
+LEGO_VARIANTS = {"lego (norm_geo)": dict(output_reweight="norm_geo")}
+
+
+def e1_methods(lego_default: dict, variants: tuple[str, ...] = ()) -> list[tuple[str, str, dict]]:
+    """(row label, registered method, fixed options) for E1; ``variants``: LEGO_VARIANTS rows to add."""
     rows = [("lego (default)", "lego", lego_default), ("lego (paper config)", "lego", dict(PAPER_LEGO))]
+    rows += [(v, "lego", dict(lego_default, **LEGO_VARIANTS[v])) for v in variants]
     for name in METHODS:
         if name not in ("lego", "concat"):
             rows.append((name, name, {}))
     return rows
 
 
-def e1_multitask(ctx: Context, lego_default: dict, multiples=(1,), sink=lambda recs: None, skip=()) -> list[dict]:
+def e1_multitask(ctx: Context, lego_default: dict, multiples=(1,), sink=lambda recs: None, skip=(),
+                 variants: tuple[str, ...] = ()) -> list[dict]:
     """Every method at k = r (defaults, and knobs tuned on validation); at 2r and 4r with the tuned knobs.
     ``skip``: row labels already measured (a resumed run)."""
     recs = []
@@ -191,7 +197,7 @@ def e1_multitask(ctx: Context, lego_default: dict, multiples=(1,), sink=lambda r
         s = ensemble_scores(ctx.track, [ctx.deltas[t] for t in ctx.tasks], ctx.tasks, "test")
         recs.append(ctx.base_record("E1", method="ensemble (outputs)", k="N models", tuned="none", split="test", scores=s))
         sink(recs[-1:])
-    for label, method, fixed in [("concat", "concat", {})] + e1_methods(lego_default):
+    for label, method, fixed in [("concat", "concat", {})] + e1_methods(lego_default, variants):
         if label in skip:
             continue
         t0 = time.perf_counter()
@@ -413,8 +419,8 @@ def e1_wider(ctx: Context, lego_default: dict, records: list[dict], multiples=(2
              rows=("lego (default)", "ties", "linear", "task_arithmetic")) -> list[dict]:
     """E1's rows again at k = 2r and 4r, each with the knobs E1 chose on validation at k = r."""
     adapters = [ctx.adapters[t] for t in ctx.tasks]
-    fixed = {label: opts for label, _, opts in e1_methods(lego_default)}
-    methods = {label: method for label, method, _ in e1_methods(lego_default)}
+    fixed = {label: opts for label, _, opts in e1_methods(lego_default, tuple(LEGO_VARIANTS))}
+    methods = {label: method for label, method, _ in e1_methods(lego_default, tuple(LEGO_VARIANTS))}
     recs = []
     for label in rows:
         chosen = [r for r in records if r["exp"] == "E1" and r["seed"] == ctx.seed and r["method"] == label
