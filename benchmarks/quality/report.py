@@ -358,7 +358,8 @@ def write_report(here: Path, log=print) -> Path:
                   f"Seeds run: {', '.join(map(str, T.seeds))}. Command: `{cmd}` (E6 first: it chose the "
                   "LoRA-LEGO default that the later experiments use as `lego (default)`; the results in this file "
                   "came from runs of that command split into `--experiments E6`, then `E1,E0,E5,E3,E7`, then "
-                  "`E2,E6s`, then `E1x,E4`, each adding its records to the results file). Test and validation sizes "
+                  "`E2,E6s`, then `E1x,E4`, then `E6g,E1v` (E6g: the output-scale rules on more task sets; E1v: E1's "
+                  "`lego (norm_geo)` rows), each adding its records to the results file). Test and validation sizes "
                   "are the command's defaults (`--n-test 200 --n-val 100`).", "",
                   "### Reference: zero-shot base model and each task's own LoRA", "", section_reference(T), "",
                   "### E0 permutation merging (paper's Table 1)", "",
