@@ -173,16 +173,22 @@ def tune(ctx: Context, method: str, adapters: list[Adapter], tasks: list[str], r
     return best[1], recs
 
 
-def e1_methods(lego_default: dict) -> list[tuple[str, str, dict]]:
-    """(row label, registered method, fixed options) for E1."""
+# E1 rows for lego variants that are not the default, measured on request (run.py's E1v)
+LEGO_VARIANTS = {"lego (norm_geo)": dict(output_reweight="norm_geo")}
+
+
+def e1_methods(lego_default: dict, variants: tuple[str, ...] = ()) -> list[tuple[str, str, dict]]:
+    """(row label, registered method, fixed options) for E1; ``variants``: LEGO_VARIANTS rows to add."""
     rows = [("lego (default)", "lego", lego_default), ("lego (paper config)", "lego", dict(PAPER_LEGO))]
+    rows += [(v, "lego", dict(lego_default, **LEGO_VARIANTS[v])) for v in variants]
     for name in METHODS:
         if name not in ("lego", "concat"):
             rows.append((name, name, {}))
     return rows
 
 
-def e1_multitask(ctx: Context, lego_default: dict, multiples=(1,), sink=lambda recs: None, skip=()) -> list[dict]:
+def e1_multitask(ctx: Context, lego_default: dict, multiples=(1,), sink=lambda recs: None, skip=(),
+                 variants: tuple[str, ...] = ()) -> list[dict]:
     """Every method at k = r (defaults, and knobs tuned on validation); at 2r and 4r with the tuned knobs.
     ``skip``: row labels already measured (a resumed run)."""
     recs = []
@@ -191,7 +197,7 @@ def e1_multitask(ctx: Context, lego_default: dict, multiples=(1,), sink=lambda r
         s = ensemble_scores(ctx.track, [ctx.deltas[t] for t in ctx.tasks], ctx.tasks, "test")
         recs.append(ctx.base_record("E1", method="ensemble (outputs)", k="N models", tuned="none", split="test", scores=s))
         sink(recs[-1:])
-    for label, method, fixed in [("concat", "concat", {})] + e1_methods(lego_default):
+    for label, method, fixed in [("concat", "concat", {})] + e1_methods(lego_default, variants):
         if label in skip:
             continue
         t0 = time.perf_counter()
@@ -345,6 +351,28 @@ def e6_scale_probe(ctx: Context, lego_default: dict, lambdas=(1.5, 2.0, 3.0)) ->
     return recs
 
 
+# -- E6, output-scale rules ----------------------------------------------------------------------------
+GAIN_RULES = ("norm_rms", "norm_gain", "norm_geo")
+
+
+def e6_gain(ctx: Context, lego_default: dict, rules=GAIN_RULES, subset_seeds=(0, 1, 2)) -> list[dict]:
+    """Validation only, on stage 2's task sets (all tasks, two of 4, two of 2) and on the 4- and 2-task
+    sets drawn with further subset seeds: the data-free output-scale rules against each other,
+    everything else at the current default (run after the scale probe)."""
+    recs = []
+    sets = []
+    for sub in subset_seeds:
+        sets += [ts for ts in subsets(ctx.tasks, ctx.seed + sub) if ts not in sets]
+    for ts in sets:
+        for rule in rules:
+            c = dict(lego_default, output_reweight=rule)
+            m = run_merge([ctx.adapters[t] for t in ts], "lego", ctx.rank, None, ctx.seed, **c)
+            s = score(ctx.track, m.deltas, ts, "val")
+            recs.append(ctx.base_record("E6g", config=c, rule=rule, tasks=ts, split="val", scores=s, merge_s=m.seconds))
+            ctx.log(f"  E6g {rule} {','.join(ts)}: {mean(s):.4f}")
+    return recs
+
+
 # -- E4 ---------------------------------------------------------------------------------------------
 E4_RANKS = {"sms_spam": 4, "movie_sent": 4, "trec": 16, "tweet_sent": 16}
 
@@ -391,8 +419,8 @@ def e1_wider(ctx: Context, lego_default: dict, records: list[dict], multiples=(2
              rows=("lego (default)", "ties", "linear", "task_arithmetic")) -> list[dict]:
     """E1's rows again at k = 2r and 4r, each with the knobs E1 chose on validation at k = r."""
     adapters = [ctx.adapters[t] for t in ctx.tasks]
-    fixed = {label: opts for label, _, opts in e1_methods(lego_default)}
-    methods = {label: method for label, method, _ in e1_methods(lego_default)}
+    fixed = {label: opts for label, _, opts in e1_methods(lego_default, tuple(LEGO_VARIANTS))}
+    methods = {label: method for label, method, _ in e1_methods(lego_default, tuple(LEGO_VARIANTS))}
     recs = []
     for label in rows:
         chosen = [r for r in records if r["exp"] == "E1" and r["seed"] == ctx.seed and r["method"] == label

@@ -224,7 +224,34 @@ def section_e6(T: Track) -> str:
                      "input weighted λ > 1, i.e. the merged update scaled to λ times the RMS of the inputs' norms "
                      "(λ = 1 is the default, in the tables above):\n\n"
                      + table(["task set", *(f"λ={lam}" for lam in lams)], rows))
+    gain = T.exp("E6g")
+    if gain:
+        rules = list(dict.fromkeys(r["rule"] for r in gain))
+        g = grouped(gain, lambda r: ",".join(r["tasks"]))
+        rows, cols = [], {rule: [] for rule in rules}
+        for key, rs in g.items():
+            name = f"all {len(T.tasks)}" if len(rs[0]["tasks"]) == len(T.tasks) else " + ".join(map(short, rs[0]["tasks"]))
+            cells = []
+            for rule in rules:
+                v = mean(mean(r["scores"].values()) for r in rs if r["rule"] == rule)
+                cols[rule].append(v)
+                cells.append(f"{v:.3f}")
+            rows.append([name, *cells])
+        n0 = len(subsets_of_seed0(T))
+        rows.append([f"**average, stage 2's {n0} sets**", *(f"**{mean(cols[rule][:n0]):.3f}**" for rule in rules)])
+        rows.append([f"**average, all {len(rows) - 1} sets**", *(f"**{mean(cols[rule]):.3f}**" for rule in rules)])
+        parts.append("Output-scale rules without fitted constants (run after the scale probe; validation), everything "
+                     "else at the default (`joint`, `direction`): `norm_rms` scales the merged update to the RMS of "
+                     "the inputs' update norms, `norm_gain` to rms² / ‖mean update‖ (rms for identical inputs, up to "
+                     "rms·sqrt(N) for orthogonal ones), `norm_geo` to sqrt(rms · gain). The first 5 sets are stage 2's; "
+                     "the others are the 4- and 2-task sets drawn with subset seeds 1 and 2:\n\n"
+                     + table(["task set", *rules], rows))
     return "\n\n".join(parts)
+
+
+def subsets_of_seed0(T: Track) -> list[list[str]]:
+    from .experiments import subsets
+    return subsets(T.tasks, 0)
 
 
 def section_e7(T: Track, out: Path) -> str:
@@ -331,7 +358,8 @@ def write_report(here: Path, log=print) -> Path:
                   f"Seeds run: {', '.join(map(str, T.seeds))}. Command: `{cmd}` (E6 first: it chose the "
                   "LoRA-LEGO default that the later experiments use as `lego (default)`; the results in this file "
                   "came from runs of that command split into `--experiments E6`, then `E1,E0,E5,E3,E7`, then "
-                  "`E2,E6s`, then `E1x,E4`, each adding its records to the results file). Test and validation sizes "
+                  "`E2,E6s`, then `E1x,E4`, then `E6g,E1v` (E6g: the output-scale rules on more task sets; E1v: E1's "
+                  "`lego (norm_geo)` rows), each adding its records to the results file). Test and validation sizes "
                   "are the command's defaults (`--n-test 200 --n-val 100`).", "",
                   "### Reference: zero-shot base model and each task's own LoRA", "", section_reference(T), "",
                   "### E0 permutation merging (paper's Table 1)", "",

@@ -99,6 +99,15 @@ def run_track(args, track_name: str) -> None:
                 new = []
             elif exp == "E6s":
                 new = E.e6_scale_probe(ctx, default)
+            elif exp == "E1v":  # E1's rows for the lego variants (k = r, then 2r and 4r), other rows kept
+                for v in E.LEGO_VARIANTS:
+                    records = store(path, records, [], dict(exp="E1", track=track_name, seed=seed, method=v))
+                    records = store(path, records, [], dict(exp="tune", track=track_name, seed=seed, row=v))
+                skip = [label for label, _, _ in E.e1_methods(default)] + ["concat", "ensemble (outputs)"]
+                E.e1_multitask(ctx, default, sink=sink, skip=skip, variants=tuple(E.LEGO_VARIANTS))
+                new = E.e1_wider(ctx, default, records, rows=tuple(E.LEGO_VARIANTS))
+            elif exp == "E6g":
+                new = E.e6_gain(ctx, default)
             elif exp == "E1x":
                 records = store(path, records, [], dict(exp="E1", track=track_name, seed=seed, wider=True))
                 new = E.e1_wider(ctx, default, records)
@@ -136,7 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--track", default="encoder", choices=["encoder", "decoder", "both"])
     p.add_argument("--seeds", type=int, default=int(os.environ.get("SEEDS", "1")))
     p.add_argument("--experiments", default="E6,E1,E0,E5,E3,E7,E2,E6s,E1x,E4",
-                   help="comma-separated, run in this order (E6s: E6's scale probe; E1x: E1 at 2r and 4r)")
+                   help="comma-separated, run in this order (E6s: E6's scale probe; E6g: output-scale rules on E6's task sets; E1x: E1 at 2r and 4r; E1v: E1 rows of the lego variants)")
     p.add_argument("--tasks", default="", help="comma-separated task names (default: the track's)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--steps", type=int, default=0)

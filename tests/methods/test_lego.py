@@ -123,9 +123,60 @@ def test_norm_matched_output_has_the_target_norm(how):
 def test_norm_matched_self_merge_returns_the_lora():
     # a LoRA with permuted copies of itself: norm_mean and norm_rms both give back its own norm, hence the LoRA
     f = rand_factors(r=6, scale=2.0)
-    for how in ("norm_mean", "norm_rms"):
+    for how in ("norm_mean", "norm_rms", "norm_gain", "norm_geo"):
         out = lego([f, permuted(f, 1), permuted(f, 2)], [1.0, 1.0, 1.0], None, generator=gen(), output_reweight=how)
         assert torch.allclose(out.delta(), f.delta(), atol=1e-4)
+
+
+def dense_gain(deltas: list[torch.Tensor]) -> float:
+    n = len(deltas)
+    rms2 = sum(float(d.double().norm()) ** 2 for d in deltas) / n
+    mean = float((sum(d.double() for d in deltas) / n).norm())
+    return rms2 / max(mean, math.sqrt(rms2 / n))
+
+
+@pytest.mark.parametrize("how", ["norm_gain", "norm_geo"])
+@pytest.mark.parametrize("case", ["random", "overlapping", "cancelling"])
+def test_gain_output_has_rms_squared_over_mean_norm(how, case):
+    fs = [rand_factors(r=4, seed=s) for s in range(3)]
+    w = [1.0, 0.5, -2.0]
+    if case == "overlapping":  # the same update plus a little noise: the ||mean|| branch, no floor
+        fs = [Factors(fs[0].A + 0.1 * f.A, fs[0].B + 0.1 * f.B) for f in fs]
+        w = [1.0, 0.5, 2.0]
+    if case == "cancelling":  # an update and nearly its negation: ||mean|| is floored at rms / sqrt(N)
+        fs = [fs[0], Factors(fs[0].A + 0.05 * fs[1].A, fs[0].B), fs[2]]
+        w = [1.0, -1.0, 0.3]
+    deltas = [wi * f.delta() for f, wi in zip(fs, w)]
+    rms = math.sqrt(sum(float(d.double().norm()) ** 2 for d in deltas) / 3)
+    mean = float((sum(d.double() for d in deltas) / 3).norm())
+    if case == "overlapping":
+        assert mean > rms / math.sqrt(3)
+    if case == "cancelling":
+        assert mean < rms / math.sqrt(3)
+    gain = dense_gain(deltas)
+    want = gain if how == "norm_gain" else math.sqrt(rms * gain)
+    assert math.isclose(target_norm(fs, w, how), want, rel_tol=1e-6)
+    out = lego(fs, w, 3, generator=gen(), output_reweight=how)
+    assert math.isclose(float(out.delta().norm()), want, rel_tol=1e-5)
+
+
+def test_gain_of_orthogonal_updates_is_the_norm_of_their_sum():
+    # updates on disjoint input and output coordinates: rms² / ||mean|| = rms·sqrt(N) = ||sum||
+    g = torch.Generator().manual_seed(3)
+    fs = []
+    for j in range(4):
+        A, B = torch.zeros(2, 16), torch.zeros(12, 2)
+        A[:, 4 * j:4 * j + 4] = torch.randn(2, 4, generator=g)
+        B[3 * j:3 * j + 3] = torch.randn(3, 2, generator=g)
+        fs.append(Factors(A, B))
+    w = [1.0] * 4
+    assert math.isclose(target_norm(fs, w, "norm_gain"), float(sum(f.delta() for f in fs).norm()), rel_tol=1e-6)
+
+
+def test_gain_of_zero_inputs_is_zero():
+    f = Factors(torch.zeros(2, 5), torch.zeros(4, 2))
+    assert target_norm([f, f], [1.0, 1.0], "norm_gain") == 0.0
+    assert target_norm([f, f], [1.0, 1.0], "norm_geo") == 0.0
 
 
 def test_summed_magnitude_gives_each_centroid_the_sum_of_member_update_norms():

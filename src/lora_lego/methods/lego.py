@@ -13,7 +13,7 @@ from ..msu import CANONICALIZATIONS, UNIT_SPLITS, factors_from_units, pool_units
 from . import MergeMethod, Option, register
 
 PARAM_REWEIGHTS = ("joint", "halves", "sum", "none")
-OUTPUT_REWEIGHTS = ("sqrt", "linear", "none", "norm_mean", "norm_rms", "norm_sum")
+OUTPUT_REWEIGHTS = ("sqrt", "linear", "none", "norm_mean", "norm_rms", "norm_sum", "norm_gain", "norm_geo")
 # "direction" is not a canonicalisation of the pool (it changes units' lengths): it clusters the
 # balanced units' directions, and the centroids then take their magnitude from param_reweight
 LEGO_CANONICALIZATIONS = CANONICALIZATIONS + ("direction",)
@@ -58,10 +58,18 @@ def target_norm(factors: list[Factors], weights: list[float], how: str) -> float
     """The Frobenius norm a merged update is scaled to by the "norm_*" output reweightings, computed from
     the inputs alone: of the weighted mean Σ w_j ΔW_j / N ("norm_mean"), of the sum Σ w_j ΔW_j
     ("norm_sum"), or the root mean square of the inputs' own norms sqrt(Σ ||w_j ΔW_j||² / N)
-    ("norm_rms": a typical input's strength, whatever the overlap between inputs)."""
+    ("norm_rms": a typical input's strength, whatever the overlap between inputs).
+
+    "norm_gain" is rms² / ||mean||: the rms when the inputs are one and the same update, growing to
+    rms·sqrt(N) (the norm of the sum) as they become orthogonal, so the scale follows how little the
+    inputs overlap. ||mean|| is floored at rms / sqrt(N), its value for orthogonal inputs, so that
+    inputs which cancel (negative overlap) cannot blow the scale up: the target is at most rms·sqrt(N).
+    "norm_geo" is the geometric mean of the two, sqrt(rms · gain)."""
     n = len(factors)
+    rms = math.sqrt(sum((abs(w) * update_norm(f.A, f.B)) ** 2 for f, w in zip(factors, weights)) / n)
     if how == "norm_rms":
-        return math.sqrt(sum((abs(w) * update_norm(f.A, f.B)) ** 2 for f, w in zip(factors, weights)) / n)
+        return rms
+    # ||Σ w_j B_j A_j||_F from the factors: the Gram products of the concatenated A and B
     A = torch.cat([f.A for f in factors], dim=0)
     B = torch.cat([f.B * w for f, w in zip(factors, weights)], dim=1)
     total = update_norm(A, B)
@@ -69,6 +77,11 @@ def target_norm(factors: list[Factors], weights: list[float], how: str) -> float
         return total
     if how == "norm_mean":
         return total / n
+    if how in ("norm_gain", "norm_geo"):
+        if rms == 0.0:
+            return 0.0
+        gain = rms * rms / max(total / n, rms / math.sqrt(n))
+        return gain if how == "norm_gain" else math.sqrt(rms * gain)
     raise ValueError(f"unknown norm target {how!r}")
 
 
@@ -138,7 +151,9 @@ register(MergeMethod(
         Option("output_reweight", str, "norm_rms", "multiply the merged update by sqrt(r/k) (sqrt), r/k (linear) "
                "or 1 (none), r = mean input rank of the module, k = clusters formed; or scale it to the "
                "Frobenius norm of the inputs' weighted mean (norm_mean), of their sum (norm_sum), or to the "
-               "root mean square of the inputs' own norms (norm_rms)", OUTPUT_REWEIGHTS),
+               "root mean square of the inputs' own norms (norm_rms), to rms² / ||mean|| (norm_gain: rms for "
+               "identical inputs, up to rms·sqrt(N) for orthogonal ones), or to sqrt(rms · norm_gain) (norm_geo)",
+               OUTPUT_REWEIGHTS),
         Option("unit_split", str, "b", "where scale and weight go in a unit: all on b (b), or the square "
                "root on each half with the sign on b (sqrt)", UNIT_SPLITS),
         Option("canonicalize", str, "direction", "before clustering: none; sign (a unit and its negation "
