@@ -360,7 +360,9 @@ def write_report(here: Path, log=print) -> Path:
                   "came from runs of that command split into `--experiments E6`, then `E1,E0,E5,E3,E7`, then "
                   "`E2,E6s`, then `E1x,E4`, then `E6g,E1v` (E6g: the output-scale rules on more task sets; E1v: E1's "
                   "`lego (norm_geo)` rows), each adding its records to the results file). Test and validation sizes "
-                  "are the command's defaults (`--n-test 200 --n-val 100`).", "",
+                  "are the command's defaults (`--n-test 200 --n-val 100`). The rows `lego (default)` were measured with "
+                  "`output_reweight=norm_rms`, E6's choice and the default when they ran; E6g's comparison then "
+                  "made `norm_geo` the default, which the rows `lego (norm_geo)` measure.", "",
                   "### Reference: zero-shot base model and each task's own LoRA", "", section_reference(T), "",
                   "### E0 permutation merging (paper's Table 1)", "",
                   "Each task LoRA merged with a copy of itself whose rank units are permuted; accuracy on that task.", "",

@@ -105,7 +105,7 @@ def lego(
     *,
     generator: torch.Generator,
     param_reweight: str = "joint",
-    output_reweight: str = "norm_rms",
+    output_reweight: str = "norm_geo",
     unit_split: str = "b",
     canonicalize: str = "direction",
     n_init: int = 10,
@@ -148,7 +148,7 @@ register(MergeMethod(
                "vector (joint), each half separately (halves); give its update the summed update norm of its members (sum); "
                "or not at all (none)",
                PARAM_REWEIGHTS),
-        Option("output_reweight", str, "norm_rms", "multiply the merged update by sqrt(r/k) (sqrt), r/k (linear) "
+        Option("output_reweight", str, "norm_geo", "multiply the merged update by sqrt(r/k) (sqrt), r/k (linear) "
                "or 1 (none), r = mean input rank of the module, k = clusters formed; or scale it to the "
                "Frobenius norm of the inputs' weighted mean (norm_mean), of their sum (norm_sum), or to the "
                "root mean square of the inputs' own norms (norm_rms), to rms² / ||mean|| (norm_gain: rms for "
