@@ -52,8 +52,11 @@ def trim_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
     return mask.reshape(delta.shape)
 
 
-def apply_trim(delta: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return delta if mask is None else delta * mask.to(delta.dtype)
+def apply_trim(delta: torch.Tensor, mask: torch.Tensor | None, inplace: bool = False) -> torch.Tensor:
+    """delta times the mask (as 0.0 / 1.0); ``inplace`` overwrites ``delta``."""
+    if mask is None:
+        return delta
+    return delta.mul_(mask) if inplace else delta * mask
 
 
 def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -68,8 +71,11 @@ def drop_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -
     return torch.bernoulli(torch.full_like(delta, density), generator=generator).bool()
 
 
-def apply_drop(delta: torch.Tensor, mask: torch.Tensor | None, density: float) -> torch.Tensor:
-    return delta if mask is None else delta * mask.to(delta.dtype) / density
+def apply_drop(delta: torch.Tensor, mask: torch.Tensor | None, density: float, inplace: bool = False) -> torch.Tensor:
+    """The kept entries divided by ``density``, the others 0; ``inplace`` overwrites ``delta``."""
+    if mask is None:
+        return delta
+    return (delta.mul_(mask) if inplace else delta * mask).div_(density)
 
 
 def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -89,11 +95,13 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    bits = torch.tensor(_BITS, dtype=torch.uint8, device=packed.device)
     n = 1
     for s in shape:
         n *= s
-    return ((packed[:, None] & bits) != 0).reshape(-1)[:n].reshape(shape)
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    bits = packed[:, None] >> shifts
+    bits &= 1  # 0 or 1 in each byte: a valid bool, viewed without a copy
+    return bits.view(torch.bool).reshape(-1)[:n].reshape(shape)
 
 
 class Masked(Sequence):
@@ -103,8 +111,9 @@ class Masked(Sequence):
     later reads apply the kept mask to ``deltas[i]`` formed again, giving the same values."""
 
     def __init__(self, deltas: Sequence[torch.Tensor], make_mask: Callable[[torch.Tensor], torch.Tensor | None],
-                 apply: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]):
+                 apply: Callable[[torch.Tensor, torch.Tensor | None, bool], torch.Tensor]):
         self.deltas, self.make_mask, self.apply = deltas, make_mask, apply
+        self.fresh = isinstance(deltas, TaskDeltas)  # its items are new tensors: masked in place
         self.masks: dict[int, tuple[torch.Tensor, torch.Size] | None] = {}
 
     def __len__(self) -> int:
@@ -121,7 +130,7 @@ class Masked(Sequence):
         else:
             kept = self.masks[i]
             mask = None if kept is None else unpack_mask(*kept)
-        return self.apply(delta, mask)
+        return self.apply(delta, mask, self.fresh)
 
 
 def weighted_sum(deltas: Iterable[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -155,11 +164,11 @@ def disjoint_mean(deltas: Iterable[torch.Tensor], weights: list[float], sign: to
     total = torch.zeros_like(sign)
     count = torch.zeros_like(sign)
     for d, w in zip(deltas, weights):
-        agree = (d.sign() == sign).to(d.dtype)
-        total.add_(d * agree, alpha=w)
+        agree = d.sign().eq_(sign)  # 1.0 where the signs agree, 0.0 elsewhere, in the one temporary
         count.add_(agree)
+        total.add_(agree.mul_(d), alpha=w)  # = d * agree
         del d  # let it go before the next one is formed
-    return total / count.clamp_min(1.0)
+    return total.div_(count.clamp_min_(1.0))  # in place: no further module-sized temporaries
 
 
 def sign_consensus(deltas: Sequence[torch.Tensor], weights: list[float], how: str) -> torch.Tensor:

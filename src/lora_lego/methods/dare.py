@@ -18,7 +18,7 @@ from .ties import DENSITY, MAJORITY_SIGN
 def dropped(deltas: Sequence[torch.Tensor], density: float, generator: torch.Generator) -> Masked:
     """The inputs' updates with DARE's random drop, drawn in input order from ``generator`` when first read;
     the drop masks are kept as bits, so a second read gives the same updates (``Masked``)."""
-    return Masked(deltas, lambda d: drop_mask(d, density, generator), lambda d, m: apply_drop(d, m, density))
+    return Masked(deltas, lambda d: drop_mask(d, density, generator), lambda d, m, inplace: apply_drop(d, m, density, inplace))
 
 
 def dare_linear_delta(deltas, weights, density: float, generator: torch.Generator) -> torch.Tensor:
