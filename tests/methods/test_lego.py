@@ -46,12 +46,13 @@ def test_permutation_invariance_when_clusters_are_clear():
 
 def test_k_at_least_pool_size_keeps_every_unit_exactly_invariant():
     f1, f2 = rand_factors(r=3, seed=1), rand_factors(r=5, seed=2)
-    out = lego([f1, f2], [1.0, 1.0], 8, generator=gen(), output_reweight="none")
+    out = lego([f1, f2], [1.0, 1.0], 8, generator=gen(), output_reweight="none", canonicalize="none")
     assert torch.allclose(out.delta(), f1.delta() + f2.delta(), atol=1e-5)
-    out_p = lego([permuted(f1, 3), permuted(f2, 4)], [1.0, 1.0], 8, generator=gen(9), output_reweight="none")
+    out_p = lego([permuted(f1, 3), permuted(f2, 4)], [1.0, 1.0], 8, generator=gen(9), output_reweight="none",
+                 canonicalize="none")
     assert torch.allclose(out_p.delta(), out.delta(), atol=1e-5)
-    # the default output reweighting then multiplies by sqrt(mean rank / k) = sqrt(4/8)
-    out_s = lego([f1, f2], [1.0, 1.0], 8, generator=gen())
+    # the paper's output reweighting then multiplies by sqrt(mean rank / k) = sqrt(4/8)
+    out_s = lego([f1, f2], [1.0, 1.0], 8, generator=gen(), output_reweight="sqrt", canonicalize="none")
     assert torch.allclose(out_s.delta(), out.delta() * math.sqrt(0.5), atol=1e-5)
 
 
@@ -94,3 +95,58 @@ def test_negative_weight_flips_the_update():
     f = rand_factors(r=4)
     out = lego([f], [-1.0], 4, generator=gen())
     assert torch.allclose(out.delta(), -f.delta(), atol=1e-5)
+
+
+# -- variants beyond the paper: norm-matched output, summed magnitudes, clustering directions -----------
+
+from lora_lego.methods.lego import target_norm, update_norm  # noqa: E402
+
+
+def test_update_norm_is_the_frobenius_norm_of_the_product():
+    f = rand_factors(r=5, d_in=7, d_out=9, seed=4)
+    assert math.isclose(update_norm(f.A, f.B), float(f.delta().norm()), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["norm_mean", "norm_rms", "norm_sum"])
+def test_norm_matched_output_has_the_target_norm(how):
+    fs = [rand_factors(r=4, seed=s) for s in range(3)]
+    w = [1.0, 0.5, -2.0]
+    deltas = [wi * f.delta() for f, wi in zip(fs, w)]
+    want = {"norm_sum": float(sum(deltas).norm()),
+            "norm_mean": float(sum(deltas).norm()) / 3,
+            "norm_rms": math.sqrt(sum(float(d.norm()) ** 2 for d in deltas) / 3)}[how]
+    assert math.isclose(target_norm(fs, w, how), want, rel_tol=1e-6)
+    out = lego(fs, w, 3, generator=gen(), output_reweight=how)
+    assert math.isclose(float(out.delta().norm()), want, rel_tol=1e-5)
+
+
+def test_norm_matched_self_merge_returns_the_lora():
+    # a LoRA with permuted copies of itself: norm_mean and norm_rms both give back its own norm, hence the LoRA
+    f = rand_factors(r=6, scale=2.0)
+    for how in ("norm_mean", "norm_rms"):
+        out = lego([f, permuted(f, 1), permuted(f, 2)], [1.0, 1.0, 1.0], None, generator=gen(), output_reweight=how)
+        assert torch.allclose(out.delta(), f.delta(), atol=1e-4)
+
+
+def test_summed_magnitude_gives_each_centroid_the_sum_of_member_update_norms():
+    # units [a | b] with d_in = 2: update norms |a||b| are 2, 2 (cluster 0) and 5 * 3 (cluster 1)
+    X = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 2.0], [3.0, 4.0, 3.0]])
+    labels = torch.tensor([0, 0, 1])
+    centers = torch.stack([X[:2].mean(0), X[2]])
+    out = parameter_reweight(centers, X, labels, 2, "sum")
+    update = out[:, :2].norm(dim=1) * out[:, 2:].norm(dim=1)
+    assert torch.allclose(update, torch.tensor([4.0, 15.0]))
+    # direction unchanged
+    assert torch.allclose(out[0] / out[0].norm(), centers[0] / centers[0].norm())
+
+
+def test_direction_clustering_joins_a_unit_with_its_rescaled_negation():
+    # the same rank-1 update written as (a, b), (-2a, -b/2): different points, one direction once balanced
+    f = rand_factors(r=3, seed=8)
+    g = Factors(-2 * f.A, -0.5 * f.B)
+    assert torch.allclose(g.delta(), f.delta())
+    out = lego([f, g], [1.0, 1.0], 3, generator=gen(), canonicalize="direction", param_reweight="joint", output_reweight="none")
+    assert torch.allclose(out.delta(), f.delta(), atol=1e-4)
+    out_sum = lego([f, g], [1.0, 1.0], 3, generator=gen(), canonicalize="direction", param_reweight="sum", output_reweight="none")
+    # summed magnitudes: each centroid's update carries both members' (the exact sum of the two updates)
+    assert torch.allclose(out_sum.delta(), 2 * f.delta(), atol=1e-3)

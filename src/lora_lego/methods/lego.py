@@ -12,17 +12,28 @@ from ..kmeans import kmeans
 from ..msu import CANONICALIZATIONS, UNIT_SPLITS, factors_from_units, pool_units
 from . import MergeMethod, Option, register
 
-PARAM_REWEIGHTS = ("joint", "halves", "none")
-OUTPUT_REWEIGHTS = ("sqrt", "linear", "none")
+PARAM_REWEIGHTS = ("joint", "halves", "sum", "none")
+OUTPUT_REWEIGHTS = ("sqrt", "linear", "none", "norm_mean", "norm_rms", "norm_sum")
+# "direction" is not a canonicalisation of the pool (it changes units' lengths): it clusters the
+# balanced units' directions, and the centroids then take their magnitude from param_reweight
+LEGO_CANONICALIZATIONS = CANONICALIZATIONS + ("direction",)
 
 
 def parameter_reweight(centers: torch.Tensor, X: torch.Tensor, labels: torch.Tensor, d_in: int, how: str) -> torch.Tensor:
     """Against norm decay (averaging unit vectors that point apart shrinks them): rescale each centroid
-    to the mean norm of its members, as one vector ("joint") or each half on its own ("halves")."""
+    to the mean norm of its members, as one vector ("joint") or each half on its own ("halves"). "sum"
+    instead gives each centroid's rank-1 update |ā| |b̄| the summed update magnitude Σ |a_i| |b_i| of its
+    members (both halves scaled alike): a cluster of m units carries m units' worth."""
     if how == "none":
         return centers
     k = centers.shape[0]
     counts = torch.bincount(labels, minlength=k).clamp_min(1).to(X.dtype)
+    if how == "sum":
+        member = X[:, :d_in].norm(dim=1) * X[:, d_in:].norm(dim=1)
+        target = torch.zeros(k, dtype=X.dtype, device=X.device).index_add_(0, labels, member)
+        have = centers[:, :d_in].norm(dim=1) * centers[:, d_in:].norm(dim=1)
+        factor = torch.where(have > 0, (target / torch.where(have > 0, have, torch.ones_like(have))).sqrt(), torch.zeros_like(have))
+        return centers * factor[:, None]
 
     def rescale(C: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
         target = torch.zeros(k, dtype=X.dtype, device=X.device).index_add_(0, labels, P.norm(dim=1)) / counts
@@ -37,10 +48,35 @@ def parameter_reweight(centers: torch.Tensor, X: torch.Tensor, labels: torch.Ten
     raise ValueError(f"unknown parameter reweighting {how!r}; expected one of {PARAM_REWEIGHTS}")
 
 
+def update_norm(A: torch.Tensor, B: torch.Tensor) -> float:
+    """||B A||_F without forming B A: sqrt(sum((BᵀB) ∘ (A Aᵀ))), in float64."""
+    A64, B64 = A.double(), B.double()
+    return math.sqrt(max(float(((B64.T @ B64) * (A64 @ A64.T)).sum()), 0.0))
+
+
+def target_norm(factors: list[Factors], weights: list[float], how: str) -> float:
+    """The Frobenius norm a merged update is scaled to by the "norm_*" output reweightings, computed from
+    the inputs alone: of the weighted mean Σ w_j ΔW_j / N ("norm_mean"), of the sum Σ w_j ΔW_j
+    ("norm_sum"), or the root mean square of the inputs' own norms sqrt(Σ ||w_j ΔW_j||² / N)
+    ("norm_rms": a typical input's strength, whatever the overlap between inputs)."""
+    n = len(factors)
+    if how == "norm_rms":
+        return math.sqrt(sum((abs(w) * update_norm(f.A, f.B)) ** 2 for f, w in zip(factors, weights)) / n)
+    A = torch.cat([f.A for f in factors], dim=0)
+    B = torch.cat([f.B * w for f, w in zip(factors, weights)], dim=1)
+    total = update_norm(A, B)
+    if how == "norm_sum":
+        return total
+    if how == "norm_mean":
+        return total / n
+    raise ValueError(f"unknown norm target {how!r}")
+
+
 def output_factor(mean_rank: float, k: int, how: str) -> float:
     """Against variance expansion: the merged update is multiplied by sqrt(r/k) ("sqrt"), r/k ("linear")
-    or 1 ("none"), r the mean input rank of the module, k the clusters formed."""
-    if how == "none":
+    or 1 ("none"), r the mean input rank of the module, k the clusters formed. (The "norm_*" choices
+    are handled in ``lego``: they need the inputs.)"""
+    if how == "none" or how.startswith("norm_"):
         return 1.0
     if how == "sqrt":
         return math.sqrt(mean_rank / k)
@@ -56,18 +92,35 @@ def lego(
     *,
     generator: torch.Generator,
     param_reweight: str = "joint",
-    output_reweight: str = "sqrt",
+    output_reweight: str = "norm_rms",
     unit_split: str = "b",
-    canonicalize: str = "none",
+    canonicalize: str = "direction",
     n_init: int = 10,
     max_iter: int = 100,
     **_,
 ) -> Factors:
     k = rank if rank is not None else max(f.rank for f in factors)
-    X, d_in = pool_units(factors, weights, unit_split, canonicalize)
-    result = kmeans(X, k, generator=generator, n_init=n_init, max_iter=max_iter)
-    centers = parameter_reweight(result.centers, X, result.labels, d_in, param_reweight)
+    if canonicalize == "direction":
+        X, d_in = pool_units(factors, weights, unit_split, "balance")
+        norms = X.norm(dim=1, keepdim=True)
+        D = X / torch.where(norms > 0, norms, torch.ones_like(norms))
+        result = kmeans(D, k, generator=generator, n_init=n_init, max_iter=max_iter)
+        # the centroid of each cluster's directions, its length then set by param_reweight; with
+        # param_reweight=none, the plain mean of the members' units (direction only groups them)
+        counts = torch.bincount(result.labels, minlength=result.centers.shape[0]).clamp_min(1).to(D.dtype)
+        members = X if param_reweight == "none" else D
+        centers = torch.zeros_like(result.centers).index_add_(0, result.labels, members) / counts[:, None]
+    else:
+        X, d_in = pool_units(factors, weights, unit_split, canonicalize)
+        result = kmeans(X, k, generator=generator, n_init=n_init, max_iter=max_iter)
+        centers = result.centers
+    centers = parameter_reweight(centers, X, result.labels, d_in, param_reweight)
     merged = factors_from_units(centers, d_in)
+    if output_reweight.startswith("norm_"):
+        have = update_norm(merged.A, merged.B)
+        want = target_norm(factors, weights, output_reweight)
+        merged.B = merged.B * (want / have if have > 0 else 0.0)
+        return merged
     mean_rank = sum(f.rank for f in factors) / len(factors)
     merged.B = merged.B * output_factor(mean_rank, centers.shape[0], output_reweight)
     return merged
@@ -79,13 +132,18 @@ register(MergeMethod(
     fn=lego,
     options=(
         Option("param_reweight", str, "joint", "rescale each centroid to the mean norm of its members: as one "
-               "vector (joint), each half separately (halves), or not at all (none)", PARAM_REWEIGHTS),
-        Option("output_reweight", str, "sqrt", "multiply the merged update by sqrt(r/k) (sqrt), r/k (linear) "
-               "or 1 (none); r = mean input rank of the module, k = clusters formed", OUTPUT_REWEIGHTS),
+               "vector (joint), each half separately (halves); give its update the summed update norm of its members (sum); "
+               "or not at all (none)",
+               PARAM_REWEIGHTS),
+        Option("output_reweight", str, "norm_rms", "multiply the merged update by sqrt(r/k) (sqrt), r/k (linear) "
+               "or 1 (none), r = mean input rank of the module, k = clusters formed; or scale it to the "
+               "Frobenius norm of the inputs' weighted mean (norm_mean), of their sum (norm_sum), or to the "
+               "root mean square of the inputs' own norms (norm_rms)", OUTPUT_REWEIGHTS),
         Option("unit_split", str, "b", "where scale and weight go in a unit: all on b (b), or the square "
                "root on each half with the sign on b (sqrt)", UNIT_SPLITS),
-        Option("canonicalize", str, "none", "before clustering: none; sign (a unit and its negation "
-               "coincide); balance (sign, then |a| = |b|)", CANONICALIZATIONS),
+        Option("canonicalize", str, "direction", "before clustering: none; sign (a unit and its negation "
+               "coincide); balance (sign, then |a| = |b|); direction (balance, then cluster unit-length "
+               "directions, lengths restored by param_reweight)", LEGO_CANONICALIZATIONS),
         Option("n_init", int, 10, "k-means restarts; the lowest inertia is kept"),
         Option("max_iter", int, 100, "k-means iterations per restart at most"),
     ),
