@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lora_lego.adapter import Factors
@@ -62,3 +63,15 @@ def test_zero_units_stay_finite():
     f = Factors(torch.randn(3, 4), torch.zeros(5, 3))
     Ca, Cb = canonicalize_units(*units_from_factors(f), "balance")
     assert torch.isfinite(Ca).all() and torch.isfinite(Cb).all()
+
+
+@pytest.mark.parametrize("split", ["b", "sqrt"])
+@pytest.mark.parametrize("how", ["none", "sign", "balance"])
+def test_pool_canonicalized_in_place_equals_units_one_input_at_a_time(split, how):
+    fs = [rand_factors(r=r, seed=s) for r, s in ((3, 4), (2, 5))]
+    before = [(f.A.clone(), f.B.clone()) for f in fs]
+    X, d_in = pool_units(fs, [0.5, -2.0], split, how)
+    units = [canonicalize_units(*units_from_factors(f, w, split), how) for f, w in zip(fs, [0.5, -2.0])]
+    assert torch.allclose(X[:, :d_in], torch.cat([u[0] for u in units]), rtol=1e-6, atol=1e-7)
+    assert torch.allclose(X[:, d_in:], torch.cat([u[1] for u in units]), rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(f.A, a) and torch.equal(f.B, b) for f, (a, b) in zip(fs, before))  # inputs untouched
