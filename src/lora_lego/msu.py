@@ -33,14 +33,12 @@ def units_from_factors(f: Factors, weight: float = 1.0, split: str = "b") -> tup
     raise ValueError(f"unknown unit split {split!r}; expected one of {UNIT_SPLITS}")
 
 
-def canonicalize_units(Ua: torch.Tensor, Ub: torch.Tensor, how: str = "none",
-                       inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def canonicalize_units(Ua: torch.Tensor, Ub: torch.Tensor, how: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """Map each unit to a representative of its class of rank-1 updates, so that units which give the
     same b aᵀ coincide before clustering. Every option leaves each unit's b aᵀ unchanged.
 
     "sign": flip (a, b) to (-a, -b) so that a's largest-magnitude entry is positive.
-    "balance": "sign", then rescale to |a| = |b| = sqrt(|a| |b|).
-    ``inplace``: overwrite Ua and Ub (the same values, no copies)."""
+    "balance": "sign", then rescale to |a| = |b| = sqrt(|a| |b|)."""
     if how == "none":
         return Ua, Ub
     if how not in CANONICALIZATIONS:
@@ -48,13 +46,13 @@ def canonicalize_units(Ua: torch.Tensor, Ub: torch.Tensor, how: str = "none",
     idx = Ua.abs().argmax(dim=1, keepdim=True)
     sign = torch.sign(Ua.gather(1, idx))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    Ua, Ub = (Ua.mul_(sign), Ub.mul_(sign)) if inplace else (Ua * sign, Ub * sign)
+    Ua, Ub = Ua * sign, Ub * sign
     if how == "balance":
         na = Ua.norm(dim=1, keepdim=True)
         nb = Ub.norm(dim=1, keepdim=True)
         ok = (na > 0) & (nb > 0)
         ratio = torch.where(ok, (nb / torch.where(ok, na, torch.ones_like(na))).sqrt(), torch.ones_like(na))
-        Ua, Ub = (Ua.mul_(ratio), Ub.div_(ratio)) if inplace else (Ua * ratio, Ub / ratio)
+        Ua, Ub = Ua * ratio, Ub / ratio
     return Ua, Ub
 
 
@@ -67,20 +65,18 @@ def pool_units(factors: list[Factors], weights: list[float], split: str = "b",
     for f in factors:
         dtype = torch.promote_types(torch.promote_types(dtype, f.A.dtype), f.B.dtype)
     X = torch.empty(sum(f.rank for f in factors), d_in + factors[0].B.shape[0], dtype=dtype, device=factors[0].A.device)
-    if canonicalize not in CANONICALIZATIONS:
-        raise ValueError(f"unknown canonicalisation {canonicalize!r}; expected one of {CANONICALIZATIONS}")
     row = 0
     for f, w in zip(factors, weights):
-        if split == "b":  # written straight into X: no weighted copy of B, the same values
+        if split == "b" and canonicalize == "none":
+            # the common case, written straight into X: no weighted copy of B, the same values
             X[row:row + f.rank, :d_in] = f.A
             torch.mul(f.B.T, w, out=X[row:row + f.rank, d_in:])
-        else:
-            Ua, Ub = units_from_factors(f, w, split)
-            X[row:row + f.rank, :d_in] = Ua
-            X[row:row + f.rank, d_in:] = Ub
+            row += f.rank
+            continue
+        Ua, Ub = canonicalize_units(*units_from_factors(f, w, split), canonicalize)
+        X[row:row + f.rank, :d_in] = Ua  # copied straight into place: one pass, no intermediate pools
+        X[row:row + f.rank, d_in:] = Ub
         row += f.rank
-    # unit by unit, so the whole pool at once, in place: no copies of it
-    canonicalize_units(X[:, :d_in], X[:, d_in:], canonicalize, inplace=True)
     return X, d_in
 
 
