@@ -1,3 +1,6 @@
+import weakref
+from collections.abc import Sequence
+
 import pytest
 import torch
 
@@ -40,3 +43,68 @@ def test_sign_election_and_disjoint_mean_by_hand():
     assert torch.equal(both, 2 * t1)  # the mean of agreeing weighted entries
     with pytest.raises(ValueError):
         elect_sign([t1], "majority")
+
+
+def test_packed_masks_round_trip():
+    from lora_lego.elementwise import pack_mask, unpack_mask
+
+    g = torch.Generator().manual_seed(3)
+    for shape in [(1,), (7, 3), (8, 8), (5, 13)]:
+        m = torch.rand(shape, generator=g) < 0.4
+        packed = pack_mask(m)
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-m.numel() // 8)
+        assert torch.equal(unpack_mask(packed, m.shape), m)
+
+
+class LiveCounter(Sequence):
+    """Dense updates formed on request, counting how many are alive at once."""
+
+    def __init__(self, tensors):
+        self.tensors, self.alive, self.peak, self.reads = tensors, 0, 0, 0
+
+    def __len__(self):
+        return len(self.tensors)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, i):
+        t = self.tensors[i].clone()
+        self.reads += 1
+        self.alive += 1
+        self.peak = max(self.peak, self.alive)
+        weakref.finalize(t, self._gone)
+        return t
+
+    def _gone(self):
+        self.alive -= 1
+
+
+@pytest.mark.parametrize("sign", ["total", "frequency"])
+def test_ties_and_dare_hold_one_update_at_a_time_and_match_the_stacked_result(sign):
+    from lora_lego.methods.dare import dare_linear_delta, dare_ties_delta
+    from lora_lego.methods.magnitude_prune import magnitude_prune_delta
+    from lora_lego.methods.ties import ties_delta
+
+    g = torch.Generator().manual_seed(5)
+    tasks = [torch.randn(30, 20, generator=g) for _ in range(5)]
+    w = [1.0, -0.5, 0.25, 2.0, 0.7]
+    # the reference: every update trimmed or dropped up front and held in a list
+    trimmed = [magnitude_trim(t, 0.3) for t in tasks]
+    ref_ties = disjoint_mean(trimmed, w, elect_sign(trimmed, sign))
+    dgen = torch.Generator().manual_seed(9)
+    drop = [random_drop(t, 0.3, dgen) for t in tasks]
+    ref_dare_ties = disjoint_mean(drop, w, elect_sign(drop, sign))
+    cases = [
+        (lambda s: ties_delta(s, w, 0.3, sign), ref_ties, 2),
+        (lambda s: dare_ties_delta(s, w, 0.3, sign, torch.Generator().manual_seed(9)), ref_dare_ties, 2),
+        (lambda s: magnitude_prune_delta(s, w, 0.3), sum(wi * t for wi, t in zip(w, trimmed)), 1),
+    ]
+    for fn, ref, passes in cases:
+        seq = LiveCounter(tasks)
+        out = fn(seq)
+        assert torch.equal(out, ref) if passes == 2 else torch.allclose(out, ref, atol=1e-6)
+        assert seq.peak == 1 and seq.reads == passes * len(tasks)
+    seq = LiveCounter(tasks)
+    dare_linear_delta(seq, w, 0.3, torch.Generator().manual_seed(9))
+    assert seq.peak == 1

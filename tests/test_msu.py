@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lora_lego.adapter import Factors
@@ -49,7 +50,28 @@ def test_pool_of_concatenated_units_sums_outputs():
     assert torch.allclose(merged.delta(), fs[0].delta() - 2.0 * fs[1].delta(), atol=1e-5)
 
 
+def test_pool_rows_are_the_weighted_units_exactly():
+    # the direct write of the default split must give the very values units_from_factors gives
+    fs = [rand_factors(r=r, seed=s) for r, s in ((3, 2), (4, 3))]
+    X, d_in = pool_units(fs, [0.7, -1.3])
+    units = [units_from_factors(f, w) for f, w in zip(fs, [0.7, -1.3])]
+    assert torch.equal(X[:, :d_in], torch.cat([u[0] for u in units]))
+    assert torch.equal(X[:, d_in:], torch.cat([u[1] for u in units]))
+
+
 def test_zero_units_stay_finite():
     f = Factors(torch.randn(3, 4), torch.zeros(5, 3))
     Ca, Cb = canonicalize_units(*units_from_factors(f), "balance")
     assert torch.isfinite(Ca).all() and torch.isfinite(Cb).all()
+
+
+@pytest.mark.parametrize("split", ["b", "sqrt"])
+@pytest.mark.parametrize("how", ["none", "sign", "balance"])
+def test_pool_canonicalized_in_place_equals_units_one_input_at_a_time(split, how):
+    fs = [rand_factors(r=r, seed=s) for r, s in ((3, 4), (2, 5))]
+    before = [(f.A.clone(), f.B.clone()) for f in fs]
+    X, d_in = pool_units(fs, [0.5, -2.0], split, how)
+    units = [canonicalize_units(*units_from_factors(f, w, split), how) for f, w in zip(fs, [0.5, -2.0])]
+    assert torch.allclose(X[:, :d_in], torch.cat([u[0] for u in units]), rtol=1e-6, atol=1e-7)
+    assert torch.allclose(X[:, d_in:], torch.cat([u[1] for u in units]), rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(f.A, a) and torch.equal(f.B, b) for f, (a, b) in zip(fs, before))  # inputs untouched

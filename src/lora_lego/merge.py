@@ -128,9 +128,8 @@ def merge(
             partial[name] = holders
         dtypes.update(s.dtype for s in specs)
         factors = read.result()
-        for i, f in zip(holders, factors):
-            _check_magnitude(f, weights[i], adapters[i].label, name)
-        factors = [f.to(dev) for f in factors]
+        if dev.type != "cpu":
+            factors = [f.to(dev) for f in factors]
         gen = torch.Generator(device=dev)
         gen.manual_seed(module_seed(seed, name))
         result = m.fn(factors, [weights[i] for i in holders], rank, generator=gen, **opts)
@@ -142,10 +141,17 @@ def merge(
             progress(done + 1, len(names), name)
 
     def read_module(name: str) -> list[Factors]:
-        return [a.factors(name) for a in adapters if name in a.modules]
+        """Read and check one module's factors from every input that has it (in the helper thread)."""
+        factors = []
+        for i, a in enumerate(adapters):
+            if name in a.modules:
+                factors.append(a.factors(name))
+                _check_magnitude(factors[-1], weights[i], a.label, name)
+        return factors
 
-    # the next module is read in a helper thread while this one merges (reading and converting to
-    # float32 use another core; file reads and torch release the GIL); at most two modules are held
+    # the next module is read and checked in a helper thread while this one merges (reading, converting
+    # to float32 and the value checks use another core; file reads and torch release the GIL); at most
+    # two modules are held
     with ThreadPoolExecutor(max_workers=1) as reader:
         upcoming = reader.submit(read_module, names[0]) if names else None
         for done, name in enumerate(names):

@@ -67,6 +67,12 @@ def pool_units(factors: list[Factors], weights: list[float], split: str = "b",
     X = torch.empty(sum(f.rank for f in factors), d_in + factors[0].B.shape[0], dtype=dtype, device=factors[0].A.device)
     row = 0
     for f, w in zip(factors, weights):
+        if split == "b" and canonicalize == "none":
+            # the common case, written straight into X: no weighted copy of B, the same values
+            X[row:row + f.rank, :d_in] = f.A
+            torch.mul(f.B.T, w, out=X[row:row + f.rank, d_in:])
+            row += f.rank
+            continue
         Ua, Ub = canonicalize_units(*units_from_factors(f, w, split), canonicalize)
         X[row:row + f.rank, :d_in] = Ua  # copied straight into place: one pass, no intermediate pools
         X[row:row + f.rank, d_in:] = Ub

@@ -4,22 +4,26 @@ drop entries at random with probability 1 - density, rescale the rest by 1/densi
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from ..adapter import Factors
-from ..elementwise import random_drop, sign_consensus, task_deltas, weighted_sum
+from ..elementwise import Masked, apply_drop, drop_mask, random_drop, sign_consensus, task_deltas, weighted_sum
 from ..lowrank import truncate_merged
 from . import MergeMethod, register
 from .ties import DENSITY, MAJORITY_SIGN
 
 
-def dropped(deltas: list[torch.Tensor], density: float, generator: torch.Generator) -> list[torch.Tensor]:
-    """The inputs' updates with DARE's random drop, drawn in input order from ``generator``."""
-    return [random_drop(d, density, generator) for d in deltas]
+def dropped(deltas: Sequence[torch.Tensor], density: float, generator: torch.Generator) -> Masked:
+    """The inputs' updates with DARE's random drop, drawn in input order from ``generator`` when first read;
+    the drop masks are kept as bits, so a second read gives the same updates (``Masked``)."""
+    return Masked(deltas, lambda d: drop_mask(d, density, generator), lambda d, m, inplace: apply_drop(d, m, density, inplace))
 
 
 def dare_linear_delta(deltas, weights, density: float, generator: torch.Generator) -> torch.Tensor:
-    return weighted_sum(dropped(deltas, density, generator), weights)
+    # one pass: each update is dropped and added, then let go (draws in input order)
+    return weighted_sum(map(lambda d: random_drop(d, density, generator), deltas), weights)
 
 
 def dare_ties_delta(deltas, weights, density: float, majority_sign: str, generator: torch.Generator) -> torch.Tensor:

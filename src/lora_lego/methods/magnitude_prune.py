@@ -13,7 +13,8 @@ from .ties import DENSITY
 
 
 def magnitude_prune_delta(deltas: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
-    return weighted_sum([magnitude_trim(d, density) for d in deltas], weights)
+    # map: one update at a time, none kept once it is added
+    return weighted_sum(map(lambda d: magnitude_trim(d, density), deltas), weights)
 
 
 def magnitude_prune(factors: list[Factors], weights: list[float], rank: int | None = None, *,

@@ -3,10 +3,12 @@ the best rank-k approximation of the result."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from ..adapter import Factors
-from ..elementwise import SIGN_METHODS, magnitude_trim, sign_consensus, task_deltas
+from ..elementwise import SIGN_METHODS, Masked, apply_trim, sign_consensus, task_deltas, trim_mask
 from ..lowrank import truncate_merged
 from . import MergeMethod, Option, fraction, register
 
@@ -17,10 +19,11 @@ MAJORITY_SIGN = Option("majority_sign", str, "total", "sign election per entry: 
                        SIGN_METHODS)
 
 
-def ties_delta(deltas: list[torch.Tensor], weights: list[float], density: float, majority_sign: str) -> torch.Tensor:
+def ties_delta(deltas: Sequence[torch.Tensor], weights: list[float], density: float, majority_sign: str) -> torch.Tensor:
     """Trim each update to its int(density x n) largest-magnitude entries, elect a sign per entry, and take
-    the mean of the agreeing weighted entries."""
-    trimmed = [magnitude_trim(d, density) for d in deltas]
+    the mean of the agreeing weighted entries. One update at a time: the trim masks are kept as bits
+    between the two passes (``Masked``)."""
+    trimmed = Masked(deltas, lambda d: trim_mask(d, density), apply_trim)
     return sign_consensus(trimmed, weights, majority_sign)
 
 
