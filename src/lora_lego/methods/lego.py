@@ -66,13 +66,19 @@ def target_norm(factors: list[Factors], weights: list[float], how: str) -> float
     inputs which cancel (negative overlap) cannot blow the scale up: the target is at most rms·sqrt(N).
     "norm_geo" is the geometric mean of the two, sqrt(rms · gain)."""
     n = len(factors)
-    rms = math.sqrt(sum((abs(w) * update_norm(f.A, f.B)) ** 2 for f, w in zip(factors, weights)) / n)
+    # One pair of Gram products of the concatenated, weighted factors (float64) gives every norm needed:
+    # ||Σ w_j B_j A_j||² is the sum of (BᵀB) ∘ (A Aᵀ), and input j's ||w_j ΔW_j||² its j-th diagonal block.
+    A = torch.cat([f.A for f in factors], dim=0).double()
+    B = torch.cat([f.B * w for f, w in zip(factors, weights)], dim=1).double()
+    products = (B.T @ B) * (A @ A.T)
+    edges = [0]
+    for f in factors:
+        edges.append(edges[-1] + f.rank)
+    own = sum(max(float(products[lo:hi, lo:hi].sum()), 0.0) for lo, hi in zip(edges, edges[1:]))
+    rms = math.sqrt(own / n)
     if how == "norm_rms":
         return rms
-    # ||Σ w_j B_j A_j||_F from the factors: the Gram products of the concatenated A and B
-    A = torch.cat([f.A for f in factors], dim=0)
-    B = torch.cat([f.B * w for f, w in zip(factors, weights)], dim=1)
-    total = update_norm(A, B)
+    total = math.sqrt(max(float(products.sum()), 0.0))
     if how == "norm_sum":
         return total
     if how == "norm_mean":
