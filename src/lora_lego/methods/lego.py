@@ -66,11 +66,13 @@ def target_norm(factors: list[Factors], weights: list[float], how: str) -> float
     inputs which cancel (negative overlap) cannot blow the scale up: the target is at most rms·sqrt(N).
     "norm_geo" is the geometric mean of the two, sqrt(rms · gain)."""
     n = len(factors)
-    # One pair of Gram products of the concatenated, weighted factors (float64) gives every norm needed:
+    # One pair of Gram products of the concatenated, weighted factors gives every norm needed:
     # ||Σ w_j B_j A_j||² is the sum of (BᵀB) ∘ (A Aᵀ), and input j's ||w_j ΔW_j||² its j-th diagonal block.
-    A = torch.cat([f.A for f in factors], dim=0).double()
-    B = torch.cat([f.B * w for f, w in zip(factors, weights)], dim=1).double()
-    products = (B.T @ B) * (A @ A.T)
+    # The products run in the factors' float32 (the costly part, 2x faster than float64 and accurate to
+    # ~1e-6 relative); the small (Σr)² matrices are combined and summed in float64.
+    A = torch.cat([f.A for f in factors], dim=0)
+    B = torch.cat([f.B * w for f, w in zip(factors, weights)], dim=1)
+    products = (B.T @ B).double() * (A @ A.T).double()
     edges = [0]
     for f in factors:
         edges.append(edges[-1] + f.rank)
