@@ -188,22 +188,26 @@ def e1_methods(lego_default: dict, variants: tuple[str, ...] = ()) -> list[tuple
 
 
 def e1_multitask(ctx: Context, lego_default: dict, multiples=(1,), sink=lambda recs: None, skip=(),
-                 variants: tuple[str, ...] = ()) -> list[dict]:
+                 variants: tuple[str, ...] = (), tune_knobs: bool = True,
+                 only: list[str] | None = None) -> list[dict]:
     """Every method at k = r (defaults, and knobs tuned on validation); at 2r and 4r with the tuned knobs.
-    ``skip``: row labels already measured (a resumed run)."""
+    ``skip``: row labels already measured (a resumed run). ``tune_knobs=False``: defaults only, no
+    validation grid (a quick run). ``only``: the row labels to run (None: all, with the output ensemble)."""
     recs = []
     adapters = [ctx.adapters[t] for t in ctx.tasks]
-    if "ensemble (outputs)" not in skip:
+    if "ensemble (outputs)" not in skip and (only is None or "ensemble (outputs)" in only):
         s = ensemble_scores(ctx.track, [ctx.deltas[t] for t in ctx.tasks], ctx.tasks, "test")
         recs.append(ctx.base_record("E1", method="ensemble (outputs)", k="N models", tuned="none", split="test", scores=s))
         sink(recs[-1:])
     for label, method, fixed in [("concat", "concat", {})] + e1_methods(lego_default, variants):
-        if label in skip:
+        if label in skip or (only is not None and label not in only):
             continue
         t0 = time.perf_counter()
         takes_rank = METHODS[method].takes_rank
         new = []
-        if method in ("concat", "ensemble"):  # exact: only the output scale could be tuned, and concat has it
+        if not tune_knobs:
+            chosen = Candidate("default", None)
+        elif method in ("concat", "ensemble"):  # exact: only the output scale could be tuned, and concat has it
             chosen = Candidate("default", None)
             if method == "concat":
                 chosen, trecs = tune(ctx, method, adapters, ctx.tasks, None, fixed)
@@ -221,7 +225,7 @@ def e1_multitask(ctx: Context, lego_default: dict, multiples=(1,), sink=lambda r
                 s = score(ctx.track, m.deltas, ctx.tasks, "test")
                 new.append(ctx.base_record("E1", method=label, k=k if k else f"{m.rank} (exact)", tuned=tuned,
                                            chosen=cand.label, split="test", scores=s, merge_s=m.seconds))
-                if tuned == "default" and chosen.label == "default":
+                if tuned == "default" and chosen.label == "default" and tune_knobs:
                     new.append(dict(new[-1], tuned="val"))
         recs += new
         sink(new)

@@ -354,35 +354,47 @@ def write_report(here: Path, log=print) -> Path:
             sz = refs[0]["sizes"]
             sizes = (f"; {min(v['test'] for v in sz.values())} test and {min(v['val'] for v in sz.values())} "
                      "validation items per task, the training pool disjoint from both")
-        lines += [f"## {T.name.capitalize()} track", "", TRACK_INFO[T.name].rstrip(";") + sizes + ".", "",
-                  f"Seeds run: {', '.join(map(str, T.seeds))}. Command: `{cmd}` (E6 first: it chose the "
-                  "LoRA-LEGO default that the later experiments use as `lego (default)`; the results in this file "
-                  "came from runs of that command split into `--experiments E6`, then `E1,E0,E5,E3,E7`, then "
-                  "`E2,E6s`, then `E1x,E4`, then `E6g,E1v` (E6g: the output-scale rules on more task sets; E1v: E1's "
-                  "`lego (norm_geo)` rows), each adding its records to the results file). Test and validation sizes "
-                  "are the command's defaults (`--n-test 200 --n-val 100`). The rows `lego (default)` were measured with "
-                  "`output_reweight=norm_rms`, E6's choice and the default when they ran; E6g's comparison then "
-                  "made `norm_geo` the default, which the rows `lego (norm_geo)` measure.", "",
-                  "### Reference: zero-shot base model and each task's own LoRA", "", section_reference(T), "",
+        meta_path = here / "results" / f"{T.name}-run.json"
+        if meta_path.exists():  # a run with non-default settings says so itself
+            meta = json.loads(meta_path.read_text())
+            head = [meta["info"] + sizes + ".", "", f"Seeds run: {', '.join(map(str, T.seeds))}. Command: "
+                    f"`{meta['command']}`. {meta.get('note', '')}".rstrip(), ""]
+        else:
+            head = [TRACK_INFO[T.name].rstrip(";") + sizes + ".", "",
+                    f"Seeds run: {', '.join(map(str, T.seeds))}. Command: `{cmd}` (E6 first: it chose the "
+                    "LoRA-LEGO default that the later experiments use as `lego (default)`; the results in this file "
+                    "came from runs of that command split into `--experiments E6`, then `E1,E0,E5,E3,E7`, then "
+                    "`E2,E6s`, then `E1x,E4`, then `E6g,E1v` (E6g: the output-scale rules on more task sets; E1v: E1's "
+                    "`lego (norm_geo)` rows), each adding its records to the results file). Test and validation sizes "
+                    "are the command's defaults (`--n-test 200 --n-val 100`). The rows `lego (default)` were measured "
+                    "with `output_reweight=norm_rms`, E6's choice and the default when they ran; E6g's comparison then "
+                    "made `norm_geo` the default, which the rows `lego (norm_geo)` measure.", ""]
+        lines += [f"## {T.name.capitalize()} track", ""] + head + [
+                  "### Reference: zero-shot base model and each task's own LoRA", "", section_reference(T), ""]
+        sections = [("E0", lambda: [
                   "### E0 permutation merging (paper's Table 1)", "",
                   "Each task LoRA merged with a copy of itself whose rank units are permuted; accuracy on that task.", "",
-                  section_e0(T), "",
-                  "### E1 multi-task merging, all tasks", "",
+                  section_e0(T), ""]),
+                  ("E1", lambda: ["### E1 multi-task merging, all tasks", "",
                   "One merged adapter scored on every task. `knobs`: `default` = the method's own defaults, "
                   "`val (...)` = the input weight λ chosen on validation at k = r from the same grid for every "
                   "method (the method's default, λ ∈ {0.25, 0.5, 1}), then, at that λ, the density where the method "
                   "has one (∈ {0.2, 0.5, 0.8}). `mean / individual` = accuracy normalised by each task's own LoRA. "
                   "Exact methods (concat, the output ensemble) have no rank budget and are marked as such.", "",
-                  plot_e1(T, here) + section_e1(T), "",
-                  "### E2 mixed-task: each input retrieves 3 LoRAs, which are merged for it", "",
+                  plot_e1(T, here) + section_e1(T), ""]),
+                  ("E2", lambda: ["### E2 mixed-task: each input retrieves 3 LoRAs, which are merged for it", "",
                   "Each test input's base-model embedding is compared with each task's key (the mean base embedding "
                   "of 100 of its training items); the 3 closest task LoRAs are merged and the input is scored "
-                  "with its own task's head.", "", section_e2(T), "",
-                  "### E3 out-of-domain: merge the other tasks, score the held-out one", "", section_e3(T), "",
-                  "### E4 heterogeneous ranks", "", section_e4(T), "",
-                  "### E5 pruning one LoRA (retention = pruned / original accuracy on its task)", "", section_e5(T), "",
-                  "### E6 ablations (validation split only)", "", section_e6(T), "",
-                  "### E7 rank sweep", "", section_e7(T, here), ""]
+                  "with its own task's head.", "", section_e2(T), ""]),
+                  ("E3", lambda: ["### E3 out-of-domain: merge the other tasks, score the held-out one", "", section_e3(T), ""]),
+                  ("E4", lambda: ["### E4 heterogeneous ranks", "", section_e4(T), ""]),
+                  ("E5", lambda: ["### E5 pruning one LoRA (retention = pruned / original accuracy on its task)", "",
+                                  section_e5(T), ""]),
+                  ("E6", lambda: ["### E6 ablations (validation split only)", "", section_e6(T), ""]),
+                  ("E7", lambda: ["### E7 rank sweep", "", section_e7(T, here), ""])]
+        for e, make in sections:  # a section only for an experiment that was run; the rest are listed under Not run
+            if e in exps:
+                lines += make()
     run = {T.name: sorted({r["exp"] for r in T.records}) for T in tracks}
     missing = []
     for name in ("encoder", "decoder"):

@@ -95,7 +95,8 @@ def run_track(args, track_name: str) -> None:
                 new = E.e0_permutation(ctx, default)
             elif exp == "E1":
                 done = {r.get("method") for r in keep if r["exp"] == "E1"}
-                E.e1_multitask(ctx, default, sink=sink, skip=done)
+                E.e1_multitask(ctx, default, sink=sink, skip=done, tune_knobs=not args.no_tune,
+                               only=args.methods.split(",") if args.methods else None)
                 new = []
             elif exp == "E6s":
                 new = E.e6_scale_probe(ctx, default)
@@ -155,6 +156,8 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default=str(HERE / "cache"))
     p.add_argument("--results", default=str(HERE / "results"), help="folder of the <track>.json measurements")
     p.add_argument("--resume", action="store_true", help="E1: keep the methods already measured")
+    p.add_argument("--no-tune", action="store_true", help="E1: default knobs only, no validation grid")
+    p.add_argument("--methods", default="", help="E1: comma-separated row labels to run (default: all)")
     p.add_argument("--smoke", action="store_true", help="2 tasks, few steps; check coarse facts and exit")
     p.add_argument("--report", action="store_true", help="only rewrite RESULTS.md and the plots")
     args = p.parse_args(argv)
