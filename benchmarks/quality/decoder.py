@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Task, package_dir
-from .track import TrackBase
+from .track import TrackBase, save_trained
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGETS = ["q_proj", "v_proj"]
@@ -121,18 +121,8 @@ class DecoderTrack(TrackBase):
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS))
         model.peft_config["default"].base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"  # not a local path
         model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-        items = self.tasks[task].train
-        gen = torch.Generator().manual_seed(seed * 1000 + 7)
-        for _ in range(steps):
-            idx = torch.randint(len(items), (batch,), generator=gen).tolist()
-            enc = self._encode(task, [items[i][0] for i in idx])
-            loss = F.cross_entropy(self._class_logits(model, task, enc), torch.tensor([items[i][1] for i in idx]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        tmp = out.with_name(out.name + ".tmp")
-        model.save_pretrained(tmp)
-        tmp.rename(out)
-        log(f"  trained {self.name} {task} r={rank} seed={seed}: {time.perf_counter() - t0:.1f}s, last loss {loss.item():.3f}")
+        last = self.fit(model, task, steps, batch, lr, seed,
+                        lambda texts, y: F.cross_entropy(self._class_logits(model, task, self._encode(task, texts)), y))
+        save_trained(model, out)
+        log(f"  trained {self.name} {task} r={rank} seed={seed}: {time.perf_counter() - t0:.1f}s, last loss {last:.3f}")
         return out

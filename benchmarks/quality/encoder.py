@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Task, package_dir
-from .track import TrackBase
+from .track import TrackBase, save_trained
 
 TEMPERATURE = 20.0
 # query/key/value/attention-output/intermediate/output of the 6 layers; not the pooler (mean pooling
@@ -115,21 +115,9 @@ class EncoderTrack(TrackBase):
         model = get_peft_model(model, config)
         model.peft_config["default"].base_model_name_or_path = "sentence-transformers/all-MiniLM-L6-v2"  # not a local path
         model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-        items = self.tasks[task].train
-        gen = torch.Generator().manual_seed(seed * 1000 + 7)
         protos = self.prototypes[task]
-        for step in range(steps):
-            idx = torch.randint(len(items), (batch,), generator=gen).tolist()
-            enc = self._encode([items[i][0] for i in idx])
-            y = torch.tensor([items[i][1] for i in idx])
-            logits = TEMPERATURE * self._forward(model, enc) @ protos.T
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        tmp = out.with_name(out.name + ".tmp")
-        model.save_pretrained(tmp)
-        tmp.rename(out)
-        log(f"  trained {self.name} {task} r={rank} seed={seed}: {time.perf_counter() - t0:.1f}s, last loss {loss.item():.3f}")
+        last = self.fit(model, task, steps, batch, lr, seed,
+                        lambda texts, y: F.cross_entropy(TEMPERATURE * self._forward(model, self._encode(texts)) @ protos.T, y))
+        save_trained(model, out)
+        log(f"  trained {self.name} {task} r={rank} seed={seed}: {time.perf_counter() - t0:.1f}s, last loss {last:.3f}")
         return out
