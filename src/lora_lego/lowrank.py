@@ -37,11 +37,18 @@ def truncate_factors(A: torch.Tensor, B: torch.Tensor, rank: int) -> Factors:
     return Factors(new_A, new_B)
 
 
-def truncate_sum(factors: list[Factors], weights: list[float], rank: int) -> Factors:
-    """Best rank-``rank`` approximation of Σ w_i B_i A_i, from the stacked factors."""
+def stack_factors(factors: list[Factors], weights: list[float]) -> Factors:
+    """Stack the units of every input: A = [A_1; ...; A_N], B = [w_1 B_1, ..., w_N B_N], so that
+    B @ A = Σ w_i B_i A_i exactly."""
     A = torch.cat([f.A for f in factors], dim=0)
     B = torch.cat([f.B * w for f, w in zip(factors, weights)], dim=1)
-    return truncate_factors(A, B, rank)
+    return Factors(A, B)
+
+
+def truncate_sum(factors: list[Factors], weights: list[float], rank: int) -> Factors:
+    """Best rank-``rank`` approximation of Σ w_i B_i A_i, from the stacked factors."""
+    stacked = stack_factors(factors, weights)
+    return truncate_factors(stacked.A, stacked.B, rank)
 
 
 def truncate_dense(delta: torch.Tensor, rank: int, signal_rank: int = 0) -> Factors:

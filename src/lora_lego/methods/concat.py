@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..adapter import Factors
+from ..lowrank import stack_factors as concat_factors
 from . import MergeMethod, register
-
-
-def concat_factors(factors: list[Factors], weights: list[float]) -> Factors:
-    """Stack the units of every input: A = [A_1; ...; A_N], B = [w_1 B_1, ..., w_N B_N], so that
-    B @ A = Σ w_i B_i A_i exactly."""
-    A = torch.cat([f.A for f in factors], dim=0)
-    B = torch.cat([f.B * w for f, w in zip(factors, weights)], dim=1)
-    return Factors(A, B)
 
 
 def concat(factors: list[Factors], weights: list[float], rank: int | None = None, **_) -> Factors:

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from ..adapter import Factors
 from . import MergeMethod, register
-from .concat import concat_factors
+from .concat import concat
 
-
-def ensemble(factors: list[Factors], weights: list[float], rank: int | None = None, **_) -> Factors:
-    return concat_factors(factors, weights)
-
-
+# concat itself, registered with weights 1/N by default
 register(MergeMethod(
     name="ensemble",
     summary="exact mean of the updates (output ensemble), rank = sum of input ranks",
-    fn=ensemble,
+    fn=concat,
     takes_rank=False,
     default_weight="mean",
     description="concat with weights 1/N by default: ΔW = (1/N) Σ ΔW_i exactly, which equals averaging the "

@@ -9,6 +9,7 @@ import torch
 
 from ..adapter import Factors
 from ..kmeans import kmeans
+from ..lowrank import stack_factors
 from ..msu import CANONICALIZATIONS, UNIT_SPLITS, factors_from_units, pool_units
 from . import MergeMethod, Option, register
 
@@ -70,8 +71,8 @@ def target_norm(factors: list[Factors], weights: list[float], how: str) -> float
     # ||Σ w_j B_j A_j||² is the sum of (BᵀB) ∘ (A Aᵀ), and input j's ||w_j ΔW_j||² its j-th diagonal block.
     # The products run in the factors' float32 (the costly part, 2x faster than float64 and accurate to
     # ~1e-6 relative); the small (Σr)² matrices are combined and summed in float64.
-    A = torch.cat([f.A for f in factors], dim=0)
-    B = torch.cat([f.B * w for f, w in zip(factors, weights)], dim=1)
+    stacked = stack_factors(factors, weights)
+    A, B = stacked.A, stacked.B
     products = (B.T @ B).double() * (A @ A.T).double()
     edges = [0]
     for f in factors:
