@@ -173,13 +173,15 @@ def _lloyd(G: np.ndarray, diag: np.ndarray, W: np.ndarray, active: np.ndarray, m
 
 
 def kmeans_gram(G: torch.Tensor, k: int, *, generators: Sequence[torch.Generator], n_init: int = 10,
-                max_iter: int = 100, tol: float = 1e-10) -> list[GramKMeansResult]:
+                max_iter: int = 100, tol: float = 1e-10, precision: torch.dtype | None = None) -> list[GramKMeansResult]:
     """Cluster the points behind a batch of Gram matrices G (m x n x n, or one n x n matrix) into at most
     k clusters each, with generator ``generators[i]`` for matrix i. Fewer than k clusters are formed only
     when there are fewer than k distinct points; with k >= n every point is its own cluster.
 
     ``tol`` is relative to the mean squared norm of the points: a restart stops when its labels repeat
-    or its centres move by at most that much in total."""
+    or its centres move by at most that much in total. ``precision``: the dtype the Gram entries were
+    multiplied in (default G's own), whose round-off decides when two points coincide; a float64 G
+    combined from float32 products passes float32."""
     if G.dim() == 2:
         G = G[None]
     m, n, _ = G.shape
@@ -195,7 +197,7 @@ def kmeans_gram(G: torch.Tensor, k: int, *, generators: Sequence[torch.Generator
     u = torch.stack([torch.rand(R, k, t, generator=g, device=g.device, dtype=torch.float64) for g in generators])
     # the clustering itself works on n x n matrices: a few hundred points whatever the data's width, so it
     # runs on the CPU in float64 (numpy: small operations cost microseconds), on any device's Gram matrix
-    eps = _COINCIDE_EPS * torch.finfo(G.dtype).eps
+    eps = _COINCIDE_EPS * torch.finfo(precision or G.dtype).eps
     G64 = G.detach().to("cpu", torch.float64).numpy()
     diag = np.ascontiguousarray(np.diagonal(G64, axis1=1, axis2=2))
     scale = diag[:, :, None] + diag[:, None, :]

@@ -8,6 +8,7 @@ unchanged; stacking the rows of several LoRAs sums their ΔW.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -83,3 +84,101 @@ def pool_units(factors: list[Factors], weights: list[float], split: str = "b",
 def factors_from_units(X: torch.Tensor, d_in: int) -> Factors:
     """Reassemble: row i of X gives row i of A and column i of B."""
     return Factors(X[:, :d_in].contiguous(), X[:, d_in:].T.contiguous())
+
+
+# -- the same pool in Gram space ---------------------------------------------------------------------------
+# Every unit above is the raw row a_i of the stacked A and column b_i of the stacked B, each multiplied by a
+# number: the split's weight and scale, a sign, the balancing ratio, a direction's 1/length. So a pool is
+# (A, B) with two per-unit scalings (sa, sb), and every inner product between units, centroids or updates
+# comes from the two P x P Grams G_A = A Aᵀ and G_B = Bᵀ B: <u_i, u_j> = sa_i sa_j G_A,ij + sb_i sb_j G_B,ij.
+# lego does all its work on those (P = Σ r_i, a few hundred) and touches the d-wide factors only twice:
+# for the two Gram products, and to form the k centroids at the end.
+
+
+@dataclass
+class GramPool:
+    """One module's pooled units: unit i is (sa_i a_i, sb_i b_i) with a_i row i of ``A`` (P x d_in) and b_i
+    column i of ``B`` (d_out x P), the inputs' raw factors stacked; ``GA`` = A Aᵀ and ``GB`` = Bᵀ B, and the
+    scalings, are float64 on the CPU."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    GA: torch.Tensor
+    GB: torch.Tensor
+    sa: torch.Tensor
+    sb: torch.Tensor
+
+    def half_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """|sa_i a_i| and |sb_i b_i| for every unit."""
+        return self.sa.abs() * self.GA.diagonal().clamp_min(0).sqrt(), self.sb.abs() * self.GB.diagonal().clamp_min(0).sqrt()
+
+    def gram(self, sa: torch.Tensor | None = None, sb: torch.Tensor | None = None) -> torch.Tensor:
+        """Inner products of the units [sa_i a_i ; sb_i b_i] (default: the pool's own scalings)."""
+        sa = self.sa if sa is None else sa
+        sb = self.sb if sb is None else sb
+        return torch.outer(sa, sa) * self.GA + torch.outer(sb, sb) * self.GB
+
+
+def stacked_grams(factors: list[Factors]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A = [A_1; ...; A_N], B = [B_1, ..., B_N] (no weights: those stay scalings) and their Grams A Aᵀ, Bᵀ B,
+    multiplied in the factors' dtype and device (the costly part: P² (d_in + d_out)) and returned as float64
+    on the CPU, where the rest of the work is small."""
+    from .kmeans import gram_matrix
+
+    A = torch.cat([f.A for f in factors], dim=0)
+    B = torch.cat([f.B for f in factors], dim=1)
+    GA = gram_matrix(A).to("cpu", torch.float64)
+    GB = gram_matrix(B.T).to("cpu", torch.float64)
+    return A, B, GA, GB
+
+
+def unit_scales(factors: list[Factors], weights: list[float], split: str = "b") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-unit multipliers of the raw (a_i, b_i) that ``units_from_factors`` applies (float64)."""
+    sa, sb = [], []
+    for f, w in zip(factors, weights):
+        if split == "b":
+            ca, cb = 1.0, w
+        elif split == "sqrt":
+            s = f.scale if f.scale != 0 else 1.0
+            c = w * s
+            root = math.sqrt(abs(c))
+            ca, cb = root, (1.0 if c >= 0 else -1.0) * root / s
+        else:
+            raise ValueError(f"unknown unit split {split!r}; expected one of {UNIT_SPLITS}")
+        sa.append(torch.full((f.rank,), ca, dtype=torch.float64))
+        sb.append(torch.full((f.rank,), cb, dtype=torch.float64))
+    return torch.cat(sa), torch.cat(sb)
+
+
+def sign_of_largest(A: torch.Tensor) -> torch.Tensor:
+    """The sign (+1 for 0) of each row's largest-magnitude entry, the first one where several tie, as
+    ``canonicalize_units`` takes it; float64 on the CPU."""
+    lo, hi = torch.aminmax(A, dim=1)  # one pass, no |A| copy
+    sign = torch.where(hi >= -lo, 1.0, -1.0).to("cpu", torch.float64)
+    tied = ((hi == -lo) & (hi != 0)).cpu()  # +m and -m both present: the first one decides
+    if tied.any():
+        rows = A[tied.to(A.device)]
+        first = rows.gather(1, rows.abs().argmax(dim=1, keepdim=True))[:, 0]
+        sign[tied] = torch.where(first < 0, -1.0, 1.0).to("cpu", torch.float64)
+    return sign
+
+
+def gram_pool(factors: list[Factors], weights: list[float], split: str = "b", canonicalize: str = "none") -> GramPool:
+    """The pool of ``pool_units`` in Gram space: the same units (to the rounding of the Gram products), with
+    the canonicalisation applied as scalings: a sign flip of both halves, then (balance) |a| = |b|."""
+    if canonicalize not in CANONICALIZATIONS:
+        raise ValueError(f"unknown canonicalisation {canonicalize!r}; expected one of {CANONICALIZATIONS}")
+    A, B, GA, GB = stacked_grams(factors)
+    sa, sb = unit_scales(factors, weights, split)
+    pool = GramPool(A, B, GA, GB, sa, sb)
+    if canonicalize == "none":
+        return pool
+    # the split's multiplier of a is >= 0, so a's largest entry and its sign are the raw row's
+    sign = sign_of_largest(A)
+    pool.sa, pool.sb = sa * sign, sb * sign
+    if canonicalize == "balance":
+        na, nb = pool.half_norms()
+        ok = (na > 0) & (nb > 0)
+        ratio = torch.where(ok, (nb / torch.where(ok, na, 1.0)).sqrt(), 1.0)
+        pool.sa, pool.sb = pool.sa * ratio, pool.sb / ratio
+    return pool

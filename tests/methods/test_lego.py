@@ -4,7 +4,20 @@ import pytest
 import torch
 
 from lora_lego.adapter import Factors
-from lora_lego.methods.lego import lego, output_factor, parameter_reweight
+from lora_lego.methods.lego import member_rescale, lego, output_factor
+from lora_lego.msu import gram_pool
+
+
+def rescaled_centers(X: torch.Tensor, labels: torch.Tensor, d_in: int, how: str) -> torch.Tensor:
+    """The cluster means of the units X (rows [a | b]) rescaled by ``member_rescale``, formed densely."""
+    pool = gram_pool([Factors(X[:, :d_in].double(), X[:, d_in:].T.double())], [1.0])
+    k = int(labels.max()) + 1
+    M = torch.zeros(k, X.shape[0], dtype=torch.float64)
+    M[labels, torch.arange(X.shape[0])] = 1.0
+    M /= M.sum(1, keepdim=True)
+    fa, fb = member_rescale(pool, M, M, labels, how)
+    C = M @ X.double()
+    return torch.cat([C[:, :d_in] * fa[:, None], C[:, d_in:] * fb[:, None]], dim=1).float()
 
 
 def gen(seed=0):
@@ -67,11 +80,11 @@ def test_parameter_reweighting_restores_member_norms():
     X = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 2.0], [3.0, 4.0, 0.0]])
     labels = torch.tensor([0, 0, 1])
     centers = torch.stack([X[:2].mean(0), X[2]])
-    joint = parameter_reweight(centers, X, labels, 2, "joint")
+    joint = rescaled_centers(X, labels, 2, "joint")
     assert torch.allclose(joint.norm(dim=1), torch.tensor([math.sqrt(5), 5.0]))
-    halves = parameter_reweight(centers, X, labels, 2, "halves")
+    halves = rescaled_centers(X, labels, 2, "halves")
     assert torch.allclose(halves[0, :2].norm(), torch.tensor(1.0)) and torch.allclose(halves[0, 2:].norm(), torch.tensor(2.0))
-    assert torch.equal(parameter_reweight(centers, X, labels, 2, "none"), centers)
+    assert torch.equal(rescaled_centers(X, labels, 2, "none"), centers)
 
 
 def test_output_factor_variants():
@@ -99,12 +112,17 @@ def test_negative_weight_flips_the_update():
 
 # -- variants beyond the paper: norm-matched output, summed magnitudes, clustering directions -----------
 
-from lora_lego.methods.lego import target_norm, update_norm  # noqa: E402
+from lora_lego.methods.lego import target_norm, update_norm_sq  # noqa: E402
 
 
-def test_update_norm_is_the_frobenius_norm_of_the_product():
+def test_update_norm_from_grams_is_the_frobenius_norm_of_the_combined_factors():
+    # A' = Ca A, B' = B Cbᵀ: ||B' A'||² from the k x k products of the Grams, against the dense float64 update
     f = rand_factors(r=5, d_in=7, d_out=9, seed=4)
-    assert math.isclose(update_norm(f.A, f.B), float(f.delta().norm()), rel_tol=1e-6)
+    g = gen(6)
+    Ca, Cb = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64)
+    A, B = f.A.double(), f.B.double()
+    dense = float(((B @ Cb.T) @ (Ca @ A)).norm()) ** 2
+    assert math.isclose(update_norm_sq(A @ A.T, B.T @ B, Ca, Cb), dense, rel_tol=1e-12)
 
 
 @pytest.mark.parametrize("how", ["norm_mean", "norm_rms", "norm_sum"])
@@ -184,7 +202,7 @@ def test_summed_magnitude_gives_each_centroid_the_sum_of_member_update_norms():
     X = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 2.0], [3.0, 4.0, 3.0]])
     labels = torch.tensor([0, 0, 1])
     centers = torch.stack([X[:2].mean(0), X[2]])
-    out = parameter_reweight(centers, X, labels, 2, "sum")
+    out = rescaled_centers(X, labels, 2, "sum")
     update = out[:, :2].norm(dim=1) * out[:, 2:].norm(dim=1)
     assert torch.allclose(update, torch.tensor([4.0, 15.0]))
     # direction unchanged

@@ -8,9 +8,8 @@ import math
 import torch
 
 from ..adapter import Factors
-from ..kmeans import kmeans
-from ..lowrank import stack_factors
-from ..msu import CANONICALIZATIONS, UNIT_SPLITS, factors_from_units, pool_units
+from ..kmeans import kmeans_gram
+from ..msu import CANONICALIZATIONS, UNIT_SPLITS, GramPool, gram_pool, stacked_grams
 from . import MergeMethod, Option, register
 
 PARAM_REWEIGHTS = ("joint", "halves", "sum", "none")
@@ -20,42 +19,46 @@ OUTPUT_REWEIGHTS = ("sqrt", "linear", "none", "norm_mean", "norm_rms", "norm_sum
 LEGO_CANONICALIZATIONS = CANONICALIZATIONS + ("direction",)
 
 
-def parameter_reweight(centers: torch.Tensor, X: torch.Tensor, labels: torch.Tensor, d_in: int, how: str) -> torch.Tensor:
-    """Against norm decay (averaging unit vectors that point apart shrinks them): rescale each centroid
-    to the mean norm of its members, as one vector ("joint") or each half on its own ("halves"). "sum"
-    instead gives each centroid's rank-1 update |ā| |b̄| the summed update magnitude Σ |a_i| |b_i| of its
-    members (both halves scaled alike): a cluster of m units carries m units' worth."""
+def member_rescale(pool: GramPool, Ca: torch.Tensor, Cb: torch.Tensor, labels: torch.Tensor,
+                   how: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Against norm decay (averaging unit vectors that point apart shrinks them): the factors (fa, fb) by
+    which to multiply each centroid's a and b halves so that it has the mean norm of its members, as one
+    vector ("joint") or each half on its own ("halves"); "sum" instead gives each centroid's rank-1 update
+    |ā| |b̄| the summed update magnitude Σ |a_i| |b_i| of its members (both halves scaled alike): a cluster
+    of m units carries m units' worth. Centroid j's halves are Σ_i Ca_ji a_i and Σ_i Cb_ji b_i, so their
+    norms come from the Grams: |ā_j|² = (Ca G_A Caᵀ)_jj. A centroid of norm 0 gets factor 0."""
+    k = Ca.shape[0]
+    ones = torch.ones(k, dtype=torch.float64)
     if how == "none":
-        return centers
-    k = centers.shape[0]
-    counts = torch.bincount(labels, minlength=k).clamp_min(1).to(X.dtype)
+        return ones, ones
+    if how not in PARAM_REWEIGHTS:
+        raise ValueError(f"unknown parameter reweighting {how!r}; expected one of {PARAM_REWEIGHTS}")
+    na, nb = pool.half_norms()  # the members' |a_i|, |b_i| (of the pooled units, not directions)
+    have_a2 = ((Ca @ pool.GA) * Ca).sum(1).clamp_min(0)
+    have_b2 = ((Cb @ pool.GB) * Cb).sum(1).clamp_min(0)
+    counts = torch.bincount(labels, minlength=k).clamp_min(1).to(torch.float64)
+
+    def per_cluster(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(k, dtype=torch.float64).index_add_(0, labels, values)
+
+    def ratio(want: torch.Tensor, have: torch.Tensor) -> torch.Tensor:
+        return torch.where(have > 0, want / torch.where(have > 0, have, ones), 0.0)
+
     if how == "sum":
-        member = X[:, :d_in].norm(dim=1) * X[:, d_in:].norm(dim=1)
-        target = torch.zeros(k, dtype=X.dtype, device=X.device).index_add_(0, labels, member)
-        have = centers[:, :d_in].norm(dim=1) * centers[:, d_in:].norm(dim=1)
-        factor = torch.where(have > 0, (target / torch.where(have > 0, have, torch.ones_like(have))).sqrt(), torch.zeros_like(have))
-        return centers * factor[:, None]
-
-    def rescale(C: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
-        target = torch.zeros(k, dtype=X.dtype, device=X.device).index_add_(0, labels, P.norm(dim=1)) / counts
-        norm = C.norm(dim=1)
-        factor = torch.where(norm > 0, target / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
-        return C * factor[:, None]
-
+        f = ratio(per_cluster(na * nb), have_a2.sqrt() * have_b2.sqrt()).sqrt()
+        return f, f
     if how == "joint":
-        return rescale(centers, X)
-    if how == "halves":
-        return torch.cat([rescale(centers[:, :d_in], X[:, :d_in]), rescale(centers[:, d_in:], X[:, d_in:])], dim=1)
-    raise ValueError(f"unknown parameter reweighting {how!r}; expected one of {PARAM_REWEIGHTS}")
+        f = ratio(per_cluster((na * na + nb * nb).sqrt()) / counts, (have_a2 + have_b2).sqrt())
+        return f, f
+    return ratio(per_cluster(na) / counts, have_a2.sqrt()), ratio(per_cluster(nb) / counts, have_b2.sqrt())
 
 
-def update_norm(A: torch.Tensor, B: torch.Tensor) -> float:
-    """||B A||_F without forming B A: sqrt(sum((BᵀB) ∘ (A Aᵀ))), in float64."""
-    A64, B64 = A.double(), B.double()
-    return math.sqrt(max(float(((B64.T @ B64) * (A64 @ A64.T)).sum()), 0.0))
+def update_norm_sq(GA: torch.Tensor, GB: torch.Tensor, Ca: torch.Tensor, Cb: torch.Tensor) -> float:
+    """||B' A'||_F² for A' = Ca A and B' = B Cbᵀ: the sum of (B'ᵀB') ∘ (A'A'ᵀ), both k x k, from the Grams."""
+    return max(float(((Cb @ GB @ Cb.T) * (Ca @ GA @ Ca.T)).sum()), 0.0)
 
 
-def target_norm(factors: list[Factors], weights: list[float], how: str) -> float:
+def norm_target(GA: torch.Tensor, GB: torch.Tensor, unit_weights: torch.Tensor, ranks: list[int], how: str) -> float:
     """The Frobenius norm a merged update is scaled to by the "norm_*" output reweightings, computed from
     the inputs alone: of the weighted mean Σ w_j ΔW_j / N ("norm_mean"), of the sum Σ w_j ΔW_j
     ("norm_sum"), or the root mean square of the inputs' own norms sqrt(Σ ||w_j ΔW_j||² / N)
@@ -65,18 +68,16 @@ def target_norm(factors: list[Factors], weights: list[float], how: str) -> float
     rms·sqrt(N) (the norm of the sum) as they become orthogonal, so the scale follows how little the
     inputs overlap. ||mean|| is floored at rms / sqrt(N), its value for orthogonal inputs, so that
     inputs which cancel (negative overlap) cannot blow the scale up: the target is at most rms·sqrt(N).
-    "norm_geo" is the geometric mean of the two, sqrt(rms · gain)."""
-    n = len(factors)
-    # One pair of Gram products of the concatenated, weighted factors gives every norm needed:
-    # ||Σ w_j B_j A_j||² is the sum of (BᵀB) ∘ (A Aᵀ), and input j's ||w_j ΔW_j||² its j-th diagonal block.
-    # The products run in the factors' float32 (the costly part, 2x faster than float64 and accurate to
-    # ~1e-6 relative); the small (Σr)² matrices are combined and summed in float64.
-    stacked = stack_factors(factors, weights)
-    A, B = stacked.A, stacked.B
-    products = (B.T @ B).double() * (A @ A.T).double()
+    "norm_geo" is the geometric mean of the two, sqrt(rms · gain).
+
+    From the Grams of the stacked raw factors (float64, P x P), ``unit_weights`` the weight of each unit's
+    input: ||Σ w_j B_j A_j||² is the sum of (w wᵀ ∘ BᵀB) ∘ (A Aᵀ), and input j's ||w_j ΔW_j||² the sum of
+    its diagonal block (``ranks`` give the blocks)."""
+    n = len(ranks)
+    products = torch.outer(unit_weights, unit_weights) * GB * GA
     edges = [0]
-    for f in factors:
-        edges.append(edges[-1] + f.rank)
+    for r in ranks:
+        edges.append(edges[-1] + r)
     own = sum(max(float(products[lo:hi, lo:hi].sum()), 0.0) for lo, hi in zip(edges, edges[1:]))
     rms = math.sqrt(own / n)
     if how == "norm_rms":
@@ -94,6 +95,17 @@ def target_norm(factors: list[Factors], weights: list[float], how: str) -> float
     raise ValueError(f"unknown norm target {how!r}")
 
 
+def target_norm(factors: list[Factors], weights: list[float], how: str) -> float:
+    """``norm_target`` of the inputs themselves (their Grams multiplied in their own dtype)."""
+    _, _, GA, GB = stacked_grams(factors)
+    return norm_target(GA, GB, per_unit(factors, weights), [f.rank for f in factors], how)
+
+
+def per_unit(factors: list[Factors], values: list[float]) -> torch.Tensor:
+    """One value per input, repeated over its units (float64)."""
+    return torch.cat([torch.full((f.rank,), float(v), dtype=torch.float64) for f, v in zip(factors, values)])
+
+
 def output_factor(mean_rank: float, k: int, how: str) -> float:
     """Against variance expansion: the merged update is multiplied by sqrt(r/k) ("sqrt"), r/k ("linear")
     or 1 ("none"), r the mean input rank of the module, k the clusters formed. (The "norm_*" choices
@@ -105,6 +117,22 @@ def output_factor(mean_rank: float, k: int, how: str) -> float:
     if how == "linear":
         return mean_rank / k
     raise ValueError(f"unknown output reweighting {how!r}; expected one of {OUTPUT_REWEIGHTS}")
+
+
+def direction_scales(pool: GramPool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scalings that make every unit of unit length (zero units stay zero): the points "direction" clusters."""
+    na, nb = pool.half_norms()
+    norm = (na * na + nb * nb).sqrt()
+    norm = torch.where(norm > 0, norm, 1.0)
+    return pool.sa / norm, pool.sb / norm
+
+
+def cluster(G: torch.Tensor, k: int, generator: torch.Generator, n_init: int, max_iter: int,
+            precision: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means of the points with Gram matrix G: the membership-mean matrix M (k_formed x P, 1/|cluster| on
+    each member, so centroid j = Σ_i M_ji x_i) and the labels."""
+    res = kmeans_gram(G, k, generators=[generator], n_init=n_init, max_iter=max_iter, precision=precision)[0]
+    return res.weights, res.labels
 
 
 def lego(
@@ -121,31 +149,29 @@ def lego(
     max_iter: int = 100,
     **_,
 ) -> Factors:
+    """Every step on the P x P Grams of the pool (see ``msu.GramPool``): the units and the points clustered
+    are scalings of the raw factors' rows, a centroid is a combination of them (k x P coefficients Ca, Cb),
+    and the centroids' and inputs' norms come from the Grams; the k merged factors are formed once, at the
+    end, from the raw factors."""
     k = rank if rank is not None else max(f.rank for f in factors)
-    if canonicalize == "direction":
-        X, d_in = pool_units(factors, weights, unit_split, "balance")
-        norms = X.norm(dim=1, keepdim=True)
-        D = X / torch.where(norms > 0, norms, torch.ones_like(norms))
-        result = kmeans(D, k, generator=generator, n_init=n_init, max_iter=max_iter)
-        # the centroid of each cluster's directions, its length then set by param_reweight; with
-        # param_reweight=none, the plain mean of the members' units (direction only groups them)
-        counts = torch.bincount(result.labels, minlength=result.centers.shape[0]).clamp_min(1).to(D.dtype)
-        members = X if param_reweight == "none" else D
-        centers = torch.zeros_like(result.centers).index_add_(0, result.labels, members) / counts[:, None]
-    else:
-        X, d_in = pool_units(factors, weights, unit_split, canonicalize)
-        result = kmeans(X, k, generator=generator, n_init=n_init, max_iter=max_iter)
-        centers = result.centers
-    centers = parameter_reweight(centers, X, result.labels, d_in, param_reweight)
-    merged = factors_from_units(centers, d_in)
+    pool = gram_pool(factors, weights, unit_split, "balance" if canonicalize == "direction" else canonicalize)
+    # "direction" clusters the balanced units' unit-length directions
+    ca, cb = direction_scales(pool) if canonicalize == "direction" else (pool.sa, pool.sb)
+    M, labels = cluster(pool.gram(ca, cb), k, generator, n_init, max_iter, precision=pool.A.dtype)
+    # centroids average the points clustered, their length then set by param_reweight; with "direction"
+    # and param_reweight=none, the plain mean of the members' units (direction only groups them)
+    ma, mb = (ca, cb) if param_reweight != "none" else (pool.sa, pool.sb)
+    Ca, Cb = M * ma, M * mb
+    fa, fb = member_rescale(pool, Ca, Cb, labels, param_reweight)
+    Ca, Cb = Ca * fa[:, None], Cb * fb[:, None]
     if output_reweight.startswith("norm_"):
-        have = update_norm(merged.A, merged.B)
-        want = target_norm(factors, weights, output_reweight)
-        merged.B = merged.B * (want / have if have > 0 else 0.0)
-        return merged
-    mean_rank = sum(f.rank for f in factors) / len(factors)
-    merged.B = merged.B * output_factor(mean_rank, centers.shape[0], output_reweight)
-    return merged
+        want = norm_target(pool.GA, pool.GB, per_unit(factors, weights), [f.rank for f in factors], output_reweight)
+        have = math.sqrt(update_norm_sq(pool.GA, pool.GB, Ca, Cb))
+        out = want / have if have > 0 else 0.0
+    else:
+        out = output_factor(sum(f.rank for f in factors) / len(factors), Ca.shape[0], output_reweight)
+    A, B = pool.A, pool.B
+    return Factors(Ca.to(A.device, A.dtype) @ A, B @ (Cb * out).T.to(B.device, B.dtype))
 
 
 register(MergeMethod(

@@ -1,0 +1,72 @@
+"""In-process time of one merge on the 8 x Llama-2-7B set, with the top of a cProfile of the main thread.
+
+    python benchmarks/speed/profile_merge.py [--method lego] [--threads 1] [--reps 3] [--profile] [-- lego options]
+
+Unlike run.py's whole-process figures, in-process times compare fairly on a machine shared with other
+work (both sides see the same load); run two versions alternately with PYTHONPATH=<other checkout>/src.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--method", default="lego")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--layers", type=int, default=32, help="merge only the modules of the first N layers")
+    p.add_argument("--profile", action="store_true", help="print the top of a cProfile of the last rep")
+    p.add_argument("--out", type=Path, help="also torch.save the merged float32 factors here (to compare versions)")
+    args, rest = p.parse_known_args()
+    options = {}
+    for item in rest:  # key=value method options, e.g. canonicalize=none
+        key, value = item.lstrip("-").split("=", 1)
+        options[key.replace("-", "_")] = int(value) if value.isdigit() else value
+
+    t0 = time.perf_counter()
+    import torch
+
+    import lora_lego
+    from make_adapters import make_set
+
+    torch.set_num_threads(args.threads)
+    print(f"imports {time.perf_counter() - t0:.2f} s ({lora_lego.__file__})")
+    inputs = make_set(HERE / "data" / "llama7b-r16", 8)
+    adapters = [lora_lego.load_adapter(p) for p in inputs]
+    if args.layers < 32:
+        keep = {n for n in adapters[0].modules if any(f".layers.{i}." in n for i in range(args.layers))}
+        for a in adapters:
+            a.modules = {n: s for n, s in a.modules.items() if n in keep}
+    times = []
+    for rep in range(args.reps):
+        prof = cProfile.Profile() if args.profile and rep == args.reps - 1 else None
+        t = time.perf_counter()
+        if prof:
+            prof.enable()
+        merged = lora_lego.merge(adapters, method=args.method, rank=16, **options)
+        if prof:
+            prof.disable()
+        times.append(time.perf_counter() - t)
+        print(f"merge {times[-1]:.3f} s", flush=True)
+    print(f"median {sorted(times)[len(times) // 2]:.3f} s over {len(times)} reps")
+    if args.out:
+        torch.save({n: (merged.factors(n).A, merged.factors(n).B) for n in merged.modules}, args.out)
+    if prof:
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+        print(s.getvalue())
+
+
+if __name__ == "__main__":
+    main()
