@@ -11,8 +11,8 @@ import torch
 
 from lora_lego.adapter import Factors
 from lora_lego.kmeans import kmeans
-from lora_lego.lowrank import stack_factors
-from lora_lego.methods.lego import PARAM_REWEIGHTS, output_factor
+from lora_lego.methods import get_method
+from lora_lego.methods.lego import PARAM_REWEIGHTS, norm_rule, output_factor
 from lora_lego.msu import factors_from_units, pool_units
 
 
@@ -52,58 +52,17 @@ def update_norm(A: torch.Tensor, B: torch.Tensor) -> float:
 
 
 def target_norm(factors: list[Factors], weights: list[float], how: str) -> float:
-    """The Frobenius norm a merged update is scaled to by the "norm_*" output reweightings, computed from
-    the inputs alone: of the weighted mean Σ w_j ΔW_j / N ("norm_mean"), of the sum Σ w_j ΔW_j
-    ("norm_sum"), or the root mean square of the inputs' own norms sqrt(Σ ||w_j ΔW_j||² / N)
-    ("norm_rms": a typical input's strength, whatever the overlap between inputs).
-
-    "norm_gain" is rms² / ||mean||: the rms when the inputs are one and the same update, growing to
-    rms·sqrt(N) (the norm of the sum) as they become orthogonal, so the scale follows how little the
-    inputs overlap. ||mean|| is floored at rms / sqrt(N), its value for orthogonal inputs, so that
-    inputs which cancel (negative overlap) cannot blow the scale up: the target is at most rms·sqrt(N).
-    "norm_geo" is the geometric mean of the two, sqrt(rms · gain)."""
-    n = len(factors)
-    # One pair of Gram products of the concatenated, weighted factors gives every norm needed:
-    # ||Σ w_j B_j A_j||² is the sum of (BᵀB) ∘ (A Aᵀ), and input j's ||w_j ΔW_j||² its j-th diagonal block.
-    # The products run in the factors' float32 (the costly part, 2x faster than float64 and accurate to
-    # ~1e-6 relative); the small (Σr)² matrices are combined and summed in float64.
-    stacked = stack_factors(factors, weights)
-    A, B = stacked.A, stacked.B
-    products = (B.T @ B).double() * (A @ A.T).double()
-    edges = [0]
-    for f in factors:
-        edges.append(edges[-1] + f.rank)
-    own = sum(max(float(products[lo:hi, lo:hi].sum()), 0.0) for lo, hi in zip(edges, edges[1:]))
-    rms = math.sqrt(own / n)
-    if how == "norm_rms":
-        return rms
-    total = math.sqrt(max(float(products.sum()), 0.0))
-    if how == "norm_sum":
-        return total
-    if how == "norm_mean":
-        return total / n
-    if how in ("norm_gain", "norm_geo"):
-        if rms == 0.0:
-            return 0.0
-        gain = rms * rms / max(total / n, rms / math.sqrt(n))
-        return gain if how == "norm_gain" else math.sqrt(rms * gain)
-    raise ValueError(f"unknown norm target {how!r}")
+    """lego's norm targets (``norm_rule``) from the dense float64 updates w_j ΔW_j (small modules only)."""
+    deltas = [w * (f.B.double() @ f.A.double()) for f, w in zip(factors, weights)]
+    return norm_rule([float(d.norm()) ** 2 for d in deltas], float(sum(deltas).norm()) ** 2, how)
 
 
-def lego_dense(
-    factors: list[Factors],
-    weights: list[float],
-    rank: int | None = None,
-    *,
-    generator: torch.Generator,
-    param_reweight: str = "joint",
-    output_reweight: str = "norm_geo",
-    unit_split: str = "b",
-    canonicalize: str = "direction",
-    n_init: int = 10,
-    max_iter: int = 100,
-    **_,
-) -> Factors:
+def lego_dense(factors: list[Factors], weights: list[float], rank: int | None = None, *,
+               generator: torch.Generator, **options) -> Factors:
+    opts = {**get_method("lego").option_defaults(), **options}  # lego's own defaults
+    param_reweight, output_reweight = opts["param_reweight"], opts["output_reweight"]
+    unit_split, canonicalize = opts["unit_split"], opts["canonicalize"]
+    n_init, max_iter = opts["n_init"], opts["max_iter"]
     k = rank if rank is not None else max(f.rank for f in factors)
     if canonicalize == "direction":
         X, d_in = pool_units(factors, weights, unit_split, "balance")

@@ -73,16 +73,21 @@ def norm_target(GA: torch.Tensor, GB: torch.Tensor, unit_weights: torch.Tensor, 
     From the Grams of the stacked raw factors (float64, P x P), ``unit_weights`` the weight of each unit's
     input: ||Σ w_j B_j A_j||² is the sum of (w wᵀ ∘ BᵀB) ∘ (A Aᵀ), and input j's ||w_j ΔW_j||² the sum of
     its diagonal block (``ranks`` give the blocks)."""
-    n = len(ranks)
     products = torch.outer(unit_weights, unit_weights) * GB * GA
     edges = [0]
     for r in ranks:
         edges.append(edges[-1] + r)
-    own = sum(max(float(products[lo:hi, lo:hi].sum()), 0.0) for lo, hi in zip(edges, edges[1:]))
-    rms = math.sqrt(own / n)
+    own = [float(products[lo:hi, lo:hi].sum()) for lo, hi in zip(edges, edges[1:])]
+    return norm_rule(own, float(products.sum()), how)
+
+
+def norm_rule(own_sq: list[float], total_sq: float, how: str) -> float:
+    """``norm_target`` from the inputs' squared norms ||w_j ΔW_j||² and that of their sum ||Σ w_j ΔW_j||²."""
+    n = len(own_sq)
+    rms = math.sqrt(sum(max(x, 0.0) for x in own_sq) / n)
     if how == "norm_rms":
         return rms
-    total = math.sqrt(max(float(products.sum()), 0.0))
+    total = math.sqrt(max(total_sq, 0.0))
     if how == "norm_sum":
         return total
     if how == "norm_mean":
