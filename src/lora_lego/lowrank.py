@@ -41,7 +41,7 @@ def stack_factors(factors: list[Factors], weights: list[float]) -> Factors:
     """Stack the units of every input: A = [A_1; ...; A_N], B = [w_1 B_1, ..., w_N B_N], so that
     B @ A = Σ w_i B_i A_i exactly."""
     A = torch.cat([f.A for f in factors], dim=0)
-    B = torch.cat([f.B * w for f, w in zip(factors, weights)], dim=1)
+    B = torch.cat([f.B * w if w != 1.0 else f.B for f, w in zip(factors, weights)], dim=1)  # no copy to multiply by 1
     return Factors(A, B)
 
 

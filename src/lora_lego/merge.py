@@ -127,12 +127,14 @@ def merge(
         if len(holders) < len(adapters):
             partial[name] = holders
         dtypes.update(s.dtype for s in specs)
-        factors = read.result()
+        factors, prepared = read.result()
         if dev.type != "cpu":
             factors = [f.to(dev) for f in factors]
+            prepared = prepared.to(dev) if prepared is not None else None
         gen = torch.Generator(device=dev)
         gen.manual_seed(module_seed(seed, name))
-        result = m.fn(factors, [weights[i] for i in holders], rank, generator=gen, **opts)
+        extra = {"prepared": prepared} if prepared is not None else {}
+        result = m.fn(factors, [weights[i] for i in holders], rank, generator=gen, **opts, **extra)
         if not (torch.isfinite(result.A).all() and torch.isfinite(result.B).all()):
             raise LoraLegoError(f"{m.name} produced NaN or Inf", module=name)
         out[name] = Factors(result.A.to("cpu", torch.float32), result.B.to("cpu", torch.float32))
@@ -140,14 +142,15 @@ def merge(
         if progress is not None:
             progress(done + 1, len(names), name)
 
-    def read_module(name: str) -> list[Factors]:
-        """Read and check one module's factors from every input that has it (in the helper thread)."""
+    def read_module(name: str) -> tuple[list[Factors], Factors | None]:
+        """Read and check one module's factors from every input that has it, and run the method's
+        ``prepare`` on them (in the helper thread)."""
         factors = []
         for i, a in enumerate(adapters):
             if name in a.modules:
                 factors.append(a.factors(name))
                 _check_magnitude(factors[-1], weights[i], a.label, name)
-        return factors
+        return factors, (m.prepare(factors) if m.prepare is not None else None)
 
     # the next module is read and checked in a helper thread while this one merges (reading, converting
     # to float32 and the value checks use another core; file reads and torch release the GIL); at most

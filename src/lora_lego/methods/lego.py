@@ -9,7 +9,7 @@ import torch
 
 from ..adapter import Factors
 from ..kmeans import kmeans_gram
-from ..msu import CANONICALIZATIONS, UNIT_SPLITS, GramPool, gram_pool, stacked_grams
+from ..msu import CANONICALIZATIONS, UNIT_SPLITS, GramPool, gram_pool, stack_raw, stacked_grams
 from . import MergeMethod, Option, register
 
 PARAM_REWEIGHTS = ("joint", "halves", "sum", "none")
@@ -152,14 +152,17 @@ def lego(
     canonicalize: str = "direction",
     n_init: int = 10,
     max_iter: int = 100,
+    prepared: Factors | None = None,
     **_,
 ) -> Factors:
     """Every step on the P x P Grams of the pool (see ``msu.GramPool``): the units and the points clustered
     are scalings of the raw factors' rows, a centroid is a combination of them (k x P coefficients Ca, Cb),
     and the centroids' and inputs' norms come from the Grams; the k merged factors are formed once, at the
-    end, from the raw factors."""
+    end, from the raw factors. ``prepared``: the factors stacked by ``stack_raw`` (the driver does it in its
+    reader thread)."""
     k = rank if rank is not None else max(f.rank for f in factors)
-    pool = gram_pool(factors, weights, unit_split, "balance" if canonicalize == "direction" else canonicalize)
+    pool = gram_pool(factors, weights, unit_split, "balance" if canonicalize == "direction" else canonicalize,
+                     stacked=prepared)
     # "direction" clusters the balanced units' unit-length directions
     ca, cb = direction_scales(pool) if canonicalize == "direction" else (pool.sa, pool.sb)
     M, labels = cluster(pool.gram(ca, cb), k, generator, n_init, max_iter, precision=pool.A.dtype)
@@ -183,6 +186,7 @@ register(MergeMethod(
     name="lego",
     summary="LoRA-LEGO: k-means over the pooled rank units, centroids as the merged LoRA (default)",
     fn=lego,
+    prepare=stack_raw,
     options=(
         Option("param_reweight", str, "joint", "rescale each centroid to the mean norm of its members: as one "
                "vector (joint), each half separately (halves); give its update the summed update norm of its members (sum); "
