@@ -128,9 +128,6 @@ def merge(
             partial[name] = holders
         dtypes.update(s.dtype for s in specs)
         factors, prepared = read.result()
-        if dev.type != "cpu":
-            factors = [f.to(dev) for f in factors]
-            prepared = prepared.to(dev) if prepared is not None else None
         gen = torch.Generator(device=dev)
         gen.manual_seed(module_seed(seed, name))
         extra = {"prepared": prepared} if prepared is not None else {}
@@ -142,19 +139,21 @@ def merge(
         if progress is not None:
             progress(done + 1, len(names), name)
 
-    def read_module(name: str) -> tuple[list[Factors], Factors | None]:
-        """Read and check one module's factors from every input that has it, and run the method's
-        ``prepare`` on them (in the helper thread)."""
+    def read_module(name: str) -> tuple[list[Factors], Any]:
+        """Read and check one module's factors from every input that has it, move them to the device
+        and run the method's ``prepare`` on them (in the helper thread)."""
         factors = []
         for i, a in enumerate(adapters):
             if name in a.modules:
                 factors.append(a.factors(name))
                 _check_magnitude(factors[-1], weights[i], a.label, name)
+        if dev.type != "cpu":
+            factors = [f.to(dev) for f in factors]
         return factors, (m.prepare(factors) if m.prepare is not None else None)
 
-    # the next module is read and checked in a helper thread while this one merges (reading, converting
-    # to float32 and the value checks use another core; file reads and torch release the GIL); at most
-    # two modules are held
+    # the next module is read, checked and prepared in a helper thread while this one merges (reading,
+    # converting to float32, the value checks and lego's Gram products use another core; file reads and
+    # torch release the GIL); at most two modules are held
     with ThreadPoolExecutor(max_workers=1) as reader:
         upcoming = reader.submit(read_module, names[0]) if names else None
         for done, name in enumerate(names):

@@ -119,26 +119,26 @@ class GramPool:
         return torch.outer(sa, sa) * self.GA + torch.outer(sb, sb) * self.GB
 
 
-def stack_raw(factors: list[Factors]) -> Factors:
-    """A = [A_1; ...; A_N], B = [B_1, ..., B_N]: the inputs' factors stacked, without weights (lego keeps
-    those as scalings)."""
+@dataclass
+class StackedGrams:
+    """The inputs' factors stacked without weights (lego keeps those as scalings), A = [A_1; ...; A_N] and
+    B = [B_1, ..., B_N], and their Grams A Aᵀ and Bᵀ B as float64 on the CPU."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    GA: torch.Tensor
+    GB: torch.Tensor
+
+
+def stacked_grams(factors: list[Factors]) -> StackedGrams:
+    """Stack the factors and multiply their Grams in the factors' dtype and device (the costly part of
+    lego: P² (d_in + d_out)); the rest of the work is on these P x P matrices, small, on the CPU."""
+    from .kmeans import gram_matrix
     from .lowrank import stack_factors
 
-    return stack_factors(factors, [1.0] * len(factors))
-
-
-def stacked_grams(factors: list[Factors], stacked: Factors | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A and B of ``stack_raw`` (or ``stacked``, already made) and their Grams A Aᵀ, Bᵀ B, multiplied in the
-    factors' dtype and device (the costly part: P² (d_in + d_out)) and returned as float64 on the CPU,
-    where the rest of the work is small."""
-    from .kmeans import gram_matrix
-
-    stacked = stacked if stacked is not None else stack_raw(factors)
+    stacked = stack_factors(factors, [1.0] * len(factors))
     A, B = stacked.A, stacked.B
-    GA = gram_matrix(A).to("cpu", torch.float64)
-    GB = gram_matrix(B.T).to("cpu", torch.float64)
-    return A, B, GA, GB
+    return StackedGrams(A, B, gram_matrix(A).to("cpu", torch.float64), gram_matrix(B.T).to("cpu", torch.float64))
 
 
 def unit_scales(factors: list[Factors], weights: list[float], split: str = "b") -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,13 +174,14 @@ def sign_of_largest(A: torch.Tensor) -> torch.Tensor:
 
 
 def gram_pool(factors: list[Factors], weights: list[float], split: str = "b", canonicalize: str = "none",
-              stacked: Factors | None = None) -> GramPool:
+              stacked: StackedGrams | None = None) -> GramPool:
     """The pool of ``pool_units`` in Gram space: the same units (to the rounding of the Gram products), with
     the canonicalisation applied as scalings: a sign flip of both halves, then (balance) |a| = |b|.
-    ``stacked``: ``stack_raw(factors)`` if already made."""
+    ``stacked``: ``stacked_grams(factors)`` if already made."""
     if canonicalize not in CANONICALIZATIONS:
         raise ValueError(f"unknown canonicalisation {canonicalize!r}; expected one of {CANONICALIZATIONS}")
-    A, B, GA, GB = stacked_grams(factors, stacked)
+    st = stacked if stacked is not None else stacked_grams(factors)
+    A, B, GA, GB = st.A, st.B, st.GA, st.GB
     sa, sb = unit_scales(factors, weights, split)
     pool = GramPool(A, B, GA, GB, sa, sb)
     if canonicalize == "none":

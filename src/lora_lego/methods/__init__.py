@@ -5,10 +5,10 @@ A method is ``fn(factors, weights, rank, *, generator, **options) -> Factors`` o
 ``weights`` one number per input, ``rank`` the requested output rank (None for exact methods), and
 ``generator`` a torch.Generator seeded for this module. It never sees files, formats or the CLI.
 
-A method may also name ``prepare(factors) -> Factors``, work on a module's factors alone (e.g. stacking
-them) that the merge driver runs in its reader thread, beside the merge of the previous module; the
-result reaches ``fn`` as the keyword ``prepared`` (on the merge device). ``fn`` must give the same
-result without it.
+A method may also name ``prepare(factors)``, work on a module's factors alone (lego: stacking them and
+their Gram products) that the merge driver runs in its reader thread, on the merge device, beside the
+merge of the previous module; the result reaches ``fn`` as the keyword ``prepared``. ``fn`` must give
+the same result without it.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class MergeMethod:
     takes_rank: bool = True  # False: exact at rank Σ r_i, --rank is refused
     default_weight: str = "one"  # "one": 1 each; "mean": 1/N each
     equal_ranks: bool = False  # inputs must share one rank per module
-    prepare: Callable[[list[Factors]], Factors] | None = None  # run in the reader thread, passed as prepared=
+    prepare: Callable[[list[Factors]], Any] | None = None  # run in the reader thread, passed as prepared=
     description: str = ""
 
     def option_defaults(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import torch
 
 from ..adapter import Factors
 from ..kmeans import kmeans_gram
-from ..msu import CANONICALIZATIONS, UNIT_SPLITS, GramPool, gram_pool, stack_raw, stacked_grams
+from ..msu import CANONICALIZATIONS, UNIT_SPLITS, GramPool, StackedGrams, gram_pool, stacked_grams
 from . import MergeMethod, Option, register
 
 PARAM_REWEIGHTS = ("joint", "halves", "sum", "none")
@@ -102,8 +102,8 @@ def norm_rule(own_sq: list[float], total_sq: float, how: str) -> float:
 
 def target_norm(factors: list[Factors], weights: list[float], how: str) -> float:
     """``norm_target`` of the inputs themselves (their Grams multiplied in their own dtype)."""
-    _, _, GA, GB = stacked_grams(factors)
-    return norm_target(GA, GB, per_unit(factors, weights), [f.rank for f in factors], how)
+    st = stacked_grams(factors)
+    return norm_target(st.GA, st.GB, per_unit(factors, weights), [f.rank for f in factors], how)
 
 
 def per_unit(factors: list[Factors], values: list[float]) -> torch.Tensor:
@@ -152,14 +152,14 @@ def lego(
     canonicalize: str = "direction",
     n_init: int = 10,
     max_iter: int = 100,
-    prepared: Factors | None = None,
+    prepared: StackedGrams | None = None,
     **_,
 ) -> Factors:
     """Every step on the P x P Grams of the pool (see ``msu.GramPool``): the units and the points clustered
     are scalings of the raw factors' rows, a centroid is a combination of them (k x P coefficients Ca, Cb),
     and the centroids' and inputs' norms come from the Grams; the k merged factors are formed once, at the
-    end, from the raw factors. ``prepared``: the factors stacked by ``stack_raw`` (the driver does it in its
-    reader thread)."""
+    end, from the raw factors. ``prepared``: ``stacked_grams(factors)``, the factors stacked and their
+    Grams (the driver computes them in its reader thread)."""
     k = rank if rank is not None else max(f.rank for f in factors)
     pool = gram_pool(factors, weights, unit_split, "balance" if canonicalize == "direction" else canonicalize,
                      stacked=prepared)
@@ -186,7 +186,7 @@ register(MergeMethod(
     name="lego",
     summary="LoRA-LEGO: k-means over the pooled rank units, centroids as the merged LoRA (default)",
     fn=lego,
-    prepare=stack_raw,
+    prepare=stacked_grams,
     options=(
         Option("param_reweight", str, "joint", "rescale each centroid to the mean norm of its members: as one "
                "vector (joint), each half separately (halves); give its update the summed update norm of its members (sum); "
