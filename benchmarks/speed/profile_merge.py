@@ -35,9 +35,8 @@ def main() -> None:
         options[key.replace("-", "_")] = int(value) if value.isdigit() else value
 
     t0 = time.perf_counter()
+    import lora_lego  # first: it sets thread defaults before torch and numpy load
     import torch
-
-    import lora_lego
     from make_adapters import make_set
 
     torch.set_num_threads(args.threads)

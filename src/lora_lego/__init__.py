@@ -11,6 +11,10 @@ import os as _os
 # waiting threads sleep instead unless the user set a policy. Takes effect only where torch is not
 # imported yet (the CLI, or `import lora_lego` first).
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# numpy's BLAS (OpenBLAS) serves only lego's k-means, on P x P matrices of a few hundred: there a second
+# BLAS thread costs more than it gives (k-means 2-5x slower at OMP_NUM_THREADS=2 with other work on the
+# cores, benchmarks/speed/NOTES.md). torch's own threads are not affected.
+_os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from .adapter import Adapter, Factors, ModuleSpec  # noqa: E402
 from .errors import LoraLegoError  # noqa: E402
