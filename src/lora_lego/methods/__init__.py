@@ -8,7 +8,9 @@ A method is ``fn(factors, weights, rank, *, generator, **options) -> Factors`` o
 A method may also name ``prepare(factors)``, work on a module's factors alone (lego: stacking them and
 their Gram products) that the merge driver runs in its reader thread, on the merge device, beside the
 merge of the previous module; the result reaches ``fn`` as the keyword ``prepared``. ``fn`` must give
-the same result without it.
+the same result without it. And ``fn_many(jobs, rank, **options) -> list[Factors]``, several modules
+(``ModuleJob``s) in one call, where that is cheaper (lego batches their k-means); it must give each module
+what ``fn`` gives it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,16 @@ class Option:
     valid_text: str = ""  # what ``valid`` asks, for the error message: "in (0, 1]"
 
 
+@dataclass
+class ModuleJob:
+    """One module's arguments to a method, for ``fn_many``."""
+
+    factors: list[Factors]
+    weights: list[float]
+    generator: Any  # torch.Generator seeded for this module
+    prepared: Any = None  # what the method's prepare returned, if it has one
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
@@ -42,6 +54,7 @@ class MergeMethod:
     default_weight: str = "one"  # "one": 1 each; "mean": 1/N each
     equal_ranks: bool = False  # inputs must share one rank per module
     prepare: Callable[[list[Factors]], Any] | None = None  # run in the reader thread, passed as prepared=
+    fn_many: Callable[..., list[Factors]] | None = None  # several modules in one call
     description: str = ""
 
     def option_defaults(self) -> dict[str, Any]:

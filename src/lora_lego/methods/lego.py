@@ -10,7 +10,7 @@ import torch
 from ..adapter import Factors
 from ..kmeans import kmeans_gram
 from ..msu import CANONICALIZATIONS, UNIT_SPLITS, GramPool, StackedGrams, gram_pool, stacked_grams
-from . import MergeMethod, Option, register
+from . import MergeMethod, ModuleJob, Option, register
 
 PARAM_REWEIGHTS = ("joint", "halves", "sum", "none")
 OUTPUT_REWEIGHTS = ("sqrt", "linear", "none", "norm_mean", "norm_rms", "norm_sum", "norm_gain", "norm_geo")
@@ -132,60 +132,97 @@ def direction_scales(pool: GramPool) -> tuple[torch.Tensor, torch.Tensor]:
     return pool.sa / norm, pool.sb / norm
 
 
-def cluster(G: torch.Tensor, k: int, generator: torch.Generator, n_init: int, max_iter: int,
-            precision: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """k-means of the points with Gram matrix G: the membership-mean matrix M (k_formed x P, 1/|cluster| on
-    each member, so centroid j = Σ_i M_ji x_i) and the labels."""
-    res = kmeans_gram(G, k, generators=[generator], n_init=n_init, max_iter=max_iter, precision=precision)[0]
-    return res.weights, res.labels
-
-
 def lego(
     factors: list[Factors],
     weights: list[float],
     rank: int | None = None,
     *,
     generator: torch.Generator,
+    prepared: StackedGrams | None = None,
+    **options,
+) -> Factors:
+    """One module; see ``lego_many``. ``prepared``: ``stacked_grams(factors)``, the factors stacked and
+    their Grams (the driver computes them in its reader thread)."""
+    return lego_many([ModuleJob(factors, weights, generator, prepared)], rank, **options)[0]
+
+
+def lego_many(
+    jobs: list[ModuleJob],
+    rank: int | None = None,
+    *,
     param_reweight: str = "joint",
     output_reweight: str = "norm_geo",
     unit_split: str = "b",
     canonicalize: str = "direction",
     n_init: int = 10,
     max_iter: int = 100,
-    prepared: StackedGrams | None = None,
     **_,
-) -> Factors:
+) -> list[Factors]:
     """Every step on the P x P Grams of the pool (see ``msu.GramPool``): the units and the points clustered
     are scalings of the raw factors' rows, a centroid is a combination of them (k x P coefficients Ca, Cb),
     and the centroids' and inputs' norms come from the Grams; the k merged factors are formed once, at the
-    end, from the raw factors. ``prepared``: ``stacked_grams(factors)``, the factors stacked and their
-    Grams (the driver computes them in its reader thread)."""
-    k = rank if rank is not None else max(f.rank for f in factors)
-    pool = gram_pool(factors, weights, unit_split, "balance" if canonicalize == "direction" else canonicalize,
-                     stacked=prepared)
-    # "direction" clusters the balanced units' unit-length directions
-    ca, cb = direction_scales(pool) if canonicalize == "direction" else (pool.sa, pool.sb)
-    M, labels = cluster(pool.gram(ca, cb), k, generator, n_init, max_iter, precision=pool.A.dtype)
-    # centroids average the points clustered, their length then set by param_reweight; with "direction"
-    # and param_reweight=none, the plain mean of the members' units (direction only groups them)
-    ma, mb = (ca, cb) if param_reweight != "none" else (pool.sa, pool.sb)
-    Ca, Cb = M * ma, M * mb
-    fa, fb = member_rescale(pool, Ca, Cb, labels, param_reweight)
-    Ca, Cb = Ca * fa[:, None], Cb * fb[:, None]
-    if output_reweight.startswith("norm_"):
-        want = norm_target(pool.GA, pool.GB, per_unit(factors, weights), [f.rank for f in factors], output_reweight)
+    end, from the raw factors. Modules of equal pool size and k are clustered in one ``kmeans_gram`` call
+    (its per-call cost is mostly fixed); each module's result is the one it gets alone."""
+    pools, points = [], []
+    for job in jobs:
+        pool = gram_pool(job.factors, job.weights, unit_split,
+                         "balance" if canonicalize == "direction" else canonicalize, stacked=job.prepared)
+        # "direction" clusters the balanced units' unit-length directions
+        pools.append(pool)
+        points.append(direction_scales(pool) if canonicalize == "direction" else (pool.sa, pool.sb))
+    ks = [rank if rank is not None else max(f.rank for f in job.factors) for job in jobs]
+    clusters = cluster_all([pool.gram(*pt) for pool, pt in zip(pools, points)], ks, [job.generator for job in jobs],
+                           [pool.A.dtype for pool in pools], n_init, max_iter)
+    out = []
+    for job, pool, (ca, cb), (M, labels) in zip(jobs, pools, points, clusters):
+        # centroids average the points clustered, their length then set by param_reweight; with "direction"
+        # and param_reweight=none, the plain mean of the members' units (direction only groups them)
+        ma, mb = (ca, cb) if param_reweight != "none" else (pool.sa, pool.sb)
+        Ca, Cb = M * ma, M * mb
+        fa, fb = member_rescale(pool, Ca, Cb, labels, param_reweight)
+        Ca, Cb = Ca * fa[:, None], Cb * fb[:, None]
+        out.append(centroid_factors(pool, Ca, Cb * output_scale(pool, Ca, Cb, job, output_reweight)))
+    return out
+
+
+def cluster_all(grams: list[torch.Tensor], ks: list[int], generators: list[torch.Generator],
+                precisions: list[torch.dtype], n_init: int, max_iter: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """k-means of the points behind each Gram matrix, those of one size, k and precision in one batch: per
+    module the membership-mean matrix M (k_formed x P, 1/|cluster| on each member, so centroid j is
+    Σ_i M_ji x_i) and the labels."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (G, k, p) in enumerate(zip(grams, ks, precisions)):
+        groups.setdefault((G.shape[0], k, p), []).append(i)
+    out: list = [None] * len(grams)
+    for (_, k, precision), idx in groups.items():
+        results = kmeans_gram(torch.stack([grams[i] for i in idx]), k, generators=[generators[i] for i in idx],
+                              n_init=n_init, max_iter=max_iter, precision=precision)
+        for i, res in zip(idx, results):
+            out[i] = (res.weights, res.labels)
+    return out
+
+
+def output_scale(pool: GramPool, Ca: torch.Tensor, Cb: torch.Tensor, job: ModuleJob, how: str) -> float:
+    """The output reweighting's factor of the merged update B' A' (A' = Ca A, B' = B Cbᵀ)."""
+    factors, weights = job.factors, job.weights
+    if how.startswith("norm_"):
+        want = norm_target(pool.GA, pool.GB, per_unit(factors, weights), [f.rank for f in factors], how)
         have = math.sqrt(update_norm_sq(pool.GA, pool.GB, Ca, Cb))
-        out = want / have if have > 0 else 0.0
-    else:
-        out = output_factor(sum(f.rank for f in factors) / len(factors), Ca.shape[0], output_reweight)
+        return want / have if have > 0 else 0.0
+    return output_factor(sum(f.rank for f in factors) / len(factors), Ca.shape[0], how)
+
+
+def centroid_factors(pool: GramPool, Ca: torch.Tensor, Cb: torch.Tensor) -> Factors:
+    """The merged factors A' = Ca A (k x d_in) and B' = B Cbᵀ (d_out x k), from the raw stacked factors."""
     A, B = pool.A, pool.B
-    return Factors(Ca.to(A.device, A.dtype) @ A, B @ (Cb * out).T.to(B.device, B.dtype))
+    return Factors(Ca.to(A.device, A.dtype) @ A, B @ Cb.T.to(B.device, B.dtype))
 
 
 register(MergeMethod(
     name="lego",
     summary="LoRA-LEGO: k-means over the pooled rank units, centroids as the merged LoRA (default)",
     fn=lego,
+    fn_many=lego_many,
     prepare=stacked_grams,
     options=(
         Option("param_reweight", str, "joint", "rescale each centroid to the mean norm of its members: as one "
