@@ -1,3 +1,4 @@
+import importlib
 import json
 
 import pytest
@@ -97,3 +98,40 @@ def test_nan_input_is_refused_naming_file_and_module(tmp_path):
     p = write_peft(tmp_path / "n", mods, r=2, alpha=2)
     with pytest.raises(LoraLegoError, match=r"adapter_model.safetensors: module model.layers.0.self_attn.v_proj: lora_B contains NaN"):
         merge([load_adapter(p)])
+
+
+def test_batched_merge_gives_each_module_what_lego_gives_it_alone(tmp_path, monkeypatch):
+    # modules merged in batches (lego's fn_many: one k-means call for pools of equal size) and one at a
+    # time (batches of 1) give bit-identical factors, and each is lego on that module with its own seed
+    merge_module = importlib.import_module("lora_lego.merge")  # the attribute lora_lego.merge is the function
+    from lora_lego.merge import module_seed
+    from lora_lego.methods.lego import lego
+
+    ranks = {"model.layers.0.self_attn.v_proj": 3}  # one module with another pool size in the batch
+    paths = [write_peft(tmp_path / f"a{i}", random_modules(4, i, ranks=ranks if i else None), r=4, alpha=8,
+                        **({"rank_pattern": ranks} if i else {})) for i in range(3)]
+    adapters = [load_adapter(p) for p in paths]
+    assert merge_module.plan_batches(list(SHAPES), adapters, True) == [list(SHAPES)]
+    batched = merge(adapters, rank=3, seed=5)
+    monkeypatch.setattr(merge_module, "BATCH_MODULES", 1)
+    assert merge_module.plan_batches(list(SHAPES), adapters, True) == [[n] for n in SHAPES]
+    single = merge(adapters, rank=3, seed=5)
+    for name in SHAPES:
+        assert torch.equal(batched.factors(name).A, single.factors(name).A)
+        assert torch.equal(batched.factors(name).B, single.factors(name).B)
+        alone = lego([a.factors(name) for a in adapters], [1.0] * 3, 3,
+                     generator=torch.Generator().manual_seed(module_seed(5, name)))
+        assert torch.equal(batched.factors(name).A, alone.A) and torch.equal(batched.factors(name).B, alone.B)
+
+
+def test_batches_hold_at_most_the_byte_bound_unless_one_module_is_larger(tmp_path, monkeypatch):
+    merge_module = importlib.import_module("lora_lego.merge")  # the attribute lora_lego.merge is the function
+
+    adapters = [load_adapter(random_adapter(tmp_path / f"a{i}", rank=4, seed=i)) for i in range(2)]
+    sizes = {n: 4 * 2 * 4 * sum(SHAPES[n]) for n in SHAPES}  # float32, 2 inputs, rank 4, (d_out + d_in)
+    monkeypatch.setattr(merge_module, "BATCH_BYTES", sizes["model.layers.0.self_attn.q_proj"]
+                        + sizes["model.layers.0.self_attn.v_proj"])
+    assert merge_module.plan_batches(list(SHAPES), adapters, True) == [list(SHAPES)[:2], list(SHAPES)[2:]]
+    monkeypatch.setattr(merge_module, "BATCH_BYTES", 1)
+    assert merge_module.plan_batches(list(SHAPES), adapters, True) == [[n] for n in SHAPES]
+    assert merge_module.plan_batches(list(SHAPES), adapters, False) == [[n] for n in SHAPES]
