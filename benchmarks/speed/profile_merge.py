@@ -27,6 +27,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--layers", type=int, default=32, help="merge only the modules of the first N layers")
     p.add_argument("--profile", action="store_true", help="print the top of a cProfile of the last rep")
+    p.add_argument("--no-prepare", action="store_true",
+                   help="run the method's prepare step (lego: stacking and Gram products) in the main thread, "
+                        "not in the reader thread, to compare")
     p.add_argument("--out", type=Path, help="also torch.save the merged float32 factors here (to compare versions)")
     args, rest = p.parse_known_args()
     options = {}
@@ -40,6 +43,12 @@ def main() -> None:
     from make_adapters import make_set
 
     torch.set_num_threads(args.threads)
+    if args.no_prepare:
+        import dataclasses
+
+        from lora_lego.methods import METHODS
+
+        METHODS[args.method] = dataclasses.replace(METHODS[args.method], prepare=None)
     print(f"imports {time.perf_counter() - t0:.2f} s ({lora_lego.__file__})")
     inputs = make_set(HERE / "data" / "llama7b-r16", 8)
     adapters = [lora_lego.load_adapter(p) for p in inputs]
