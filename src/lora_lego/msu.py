@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import Factors
+from .kmeans import gram_matrix
+from .lowrank import stack_factors
 
 UNIT_SPLITS = ("b", "sqrt")
 CANONICALIZATIONS = ("none", "sign", "balance")
@@ -133,9 +135,6 @@ class StackedGrams:
 def stacked_grams(factors: list[Factors]) -> StackedGrams:
     """Stack the factors and multiply their Grams in the factors' dtype and device (the costly part of
     lego: P² (d_in + d_out)); the rest of the work is on these P x P matrices, small, on the CPU."""
-    from .kmeans import gram_matrix
-    from .lowrank import stack_factors
-
     stacked = stack_factors(factors, [1.0] * len(factors))
     A, B = stacked.A, stacked.B
     return StackedGrams(A, B, gram_matrix(A).to("cpu", torch.float64), gram_matrix(B.T).to("cpu", torch.float64))
