@@ -135,3 +135,42 @@ def test_batches_hold_at_most_the_byte_bound_unless_one_module_is_larger(tmp_pat
     monkeypatch.setattr(merge_module, "BATCH_BYTES", 1)
     assert merge_module.plan_batches(list(SHAPES), adapters, True) == [[n] for n in SHAPES]
     assert merge_module.plan_batches(list(SHAPES), adapters, False) == [[n] for n in SHAPES]
+
+
+@pytest.mark.parametrize("caller", [1, 2, 4])
+def test_reader_and_merging_threads_share_the_callers_torch_threads(tmp_path, monkeypatch, caller):
+    # each of the two threads gets its share of the caller's intra-op threads, not a full team (which
+    # oversubscribed the cores: 2 threads were slower than 1), and the caller's setting is back afterwards
+    import dataclasses
+    import threading
+
+    from lora_lego.methods import METHODS
+    from lora_lego.msu import stacked_grams
+
+    merge_module = importlib.import_module("lora_lego.merge")
+    seen = {}
+
+    def prepare(factors):
+        seen["reader"] = (threading.current_thread() is threading.main_thread(), torch.get_num_threads())
+        return stacked_grams(factors)
+
+    lego = METHODS["lego"]
+
+    def lego_many(jobs, rank, **options):
+        seen["main"] = (threading.current_thread() is threading.main_thread(), torch.get_num_threads())
+        return lego.fn_many(jobs, rank, **options)
+
+    monkeypatch.setitem(METHODS, "lego", dataclasses.replace(lego, prepare=prepare, fn_many=lego_many))
+    adapters = [load_adapter(random_adapter(tmp_path / f"a{i}", rank=4, seed=i)) for i in range(2)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(caller)
+    try:
+        merge(adapters, rank=2)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    want_reader, want_main = merge_module.split_threads(caller)
+    assert (want_reader, want_main) == {1: (1, 1), 2: (1, 1), 4: (2, 2)}[caller]
+    assert seen["reader"] == (False, want_reader)
+    assert seen["main"] == (True, want_main)
+    assert after == caller

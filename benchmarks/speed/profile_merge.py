@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import sys
 import time
@@ -37,6 +38,8 @@ def main() -> None:
         key, value = item.lstrip("-").split("=", 1)
         options[key.replace("-", "_")] = int(value) if value.isdigit() else value
 
+    # as run.py sets it for the CLI: every thread's OpenMP team (the reader thread's too), not only the main one's
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     t0 = time.perf_counter()
     import lora_lego  # first: it sets thread defaults before torch and numpy load
     import torch

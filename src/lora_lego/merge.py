@@ -171,17 +171,24 @@ def merge(
 
     # Modules are read, checked and prepared in a helper thread (reading, converting to float32, the value
     # checks and lego's Gram products use another core; file reads and torch release the GIL) while the
-    # batch before them merges; at most two batches are held.
+    # batch before them merges; at most two batches are held. The two threads share the caller's torch
+    # threads (see ``split_threads``): each with a full team of its own, they would oversubscribe the cores.
     batches = plan_batches(names, adapters, m.fn_many is not None)
-    with ThreadPoolExecutor(max_workers=1) as reader:
+    caller_threads = torch.get_num_threads()
+    reader_threads, main_threads = split_threads(caller_threads)
+    with ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(reader_threads,)) as reader:
         def submit(batch: list[str]) -> list[tuple[str, Future]]:
             return [(name, reader.submit(read_module, name)) for name in batch]
 
-        upcoming = submit(batches[0]) if batches else []
-        for i in range(len(batches)):
-            current = upcoming
-            upcoming = submit(batches[i + 1]) if i + 1 < len(batches) else []
-            merge_batch([(name, job(name, check_module(name), read)) for name, read in current])
+        torch.set_num_threads(main_threads)
+        try:
+            upcoming = submit(batches[0]) if batches else []
+            for i in range(len(batches)):
+                current = upcoming
+                upcoming = submit(batches[i + 1]) if i + 1 < len(batches) else []
+                merge_batch([(name, job(name, check_module(name), read)) for name, read in current])
+        finally:
+            torch.set_num_threads(caller_threads)
 
     base_models = [a.base_model for a in adapters if a.base_model]
     config = _output_config(adapters)
@@ -205,6 +212,17 @@ def merge(
         config=config,
         metadata={"lora_lego": json.dumps(provenance, sort_keys=True)},
     )
+
+
+def split_threads(total: int) -> tuple[int, int]:
+    """torch threads for the reader thread and for the merging (main) thread out of the caller's ``total``:
+    half each, at least one. torch's OpenMP thread count is per calling thread (``torch.set_num_threads`` in
+    one thread leaves the others' teams as they are), and a thread that Python starts gets the process
+    default (OMP_NUM_THREADS, or one per core), not the caller's choice. With 2 threads given, a team of 2
+    for each of the two threads ran 4 threads on 2 cores: the merge took more CPU and was slower than with
+    1 thread (benchmarks/speed/NOTES.md)."""
+    reader = max(1, total // 2)
+    return reader, max(1, total - reader)
 
 
 def plan_batches(names: list[str], adapters: Sequence[Adapter], batched: bool) -> list[list[str]]:
