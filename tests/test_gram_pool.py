@@ -33,7 +33,10 @@ def test_grams_are_multiplied_in_the_factors_dtype():
     f = rand_factors(4, dtype=torch.float32)
     pool = gram_pool([f, f], [1.0, 1.0])
     assert pool.GA.dtype == torch.float64
-    assert torch.equal(pool.GA[:4, :4], (f.A @ f.A.T).double())
+    # float32 products (numpy's BLAS on the CPU, see msu.gram64), each value a float32 one
+    assert torch.equal(pool.GA[:4, :4], torch.from_numpy(f.A.numpy() @ f.A.numpy().T).double())
+    assert torch.equal(pool.GA, pool.GA.float().double()) and torch.equal(pool.GB, pool.GB.float().double())
+    assert torch.allclose(pool.GB[:4, :4], (f.B.T.double() @ f.B.double()), rtol=1e-5, atol=1e-6)
 
 
 def test_sign_of_largest_matches_canonicalisation_including_ties():
