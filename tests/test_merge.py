@@ -174,3 +174,29 @@ def test_reader_and_merging_threads_share_the_callers_torch_threads(tmp_path, mo
     assert seen["reader"] == (False, want_reader)
     assert seen["main"] == (True, want_main)
     assert after == caller
+
+
+def test_a_method_result_with_nan_or_inf_is_refused_and_a_large_finite_one_kept(tmp_path, monkeypatch):
+    import dataclasses
+
+    from lora_lego.adapter import Factors
+    from lora_lego.merge import _all_finite
+    from lora_lego.methods import METHODS
+
+    big = torch.full((2, 3), 3e38)  # finite, but its sum overflows float32
+    assert _all_finite(big) and _all_finite(torch.zeros(0, 3))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = big.clone()
+        t[1, 2] = bad
+        assert not _all_finite(t)
+    adapters = [load_adapter(random_adapter(tmp_path / f"a{i}", rank=4, seed=i)) for i in range(2)]
+    lego = METHODS["lego"]
+
+    def poisoned(jobs, rank, **options):
+        out = lego.fn_many(jobs, rank, **options)
+        out[-1] = Factors(out[-1].A, out[-1].B * float("inf"))
+        return out
+
+    monkeypatch.setitem(METHODS, "lego", dataclasses.replace(lego, fn_many=poisoned))
+    with pytest.raises(LoraLegoError, match="produced NaN or Inf"):
+        merge(adapters, rank=2)

@@ -151,7 +151,7 @@ def merge(
             results = [m.fn(j.factors, j.weights, rank, generator=j.generator, **opts,
                             **({"prepared": j.prepared} if j.prepared is not None else {})) for j in jobs]
         for (name, _), result in zip(batch, results):
-            if not (torch.isfinite(result.A).all() and torch.isfinite(result.B).all()):
+            if not (_all_finite(result.A) and _all_finite(result.B)):
                 raise LoraLegoError(f"{m.name} produced NaN or Inf", module=name)
             out[name] = Factors(result.A.to("cpu", torch.float32), result.B.to("cpu", torch.float32))
             if progress is not None:
@@ -264,6 +264,13 @@ def _check_magnitude(f: Factors, weight: float, label: str, name: str) -> None:
         raise LoraLegoError(f"a factor value with its scale and weight reaches {peak:.3g}, beyond the {MAX_ABS:.0e} "
                             "that merging handles in float32 (a corrupt file, or an absurd lora_alpha or weight?)",
                             path=label, module=name)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``: a NaN or Inf anywhere makes the sum one, so a finite sum settles it in one
+    pass with nothing allocated (isfinite(t).all() took 0.19 s of the main thread on the 8 x 7B set);
+    a sum that overflows with every value finite falls back to the full check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _check_compatible_configs(adapters: Sequence[Adapter]) -> None:
