@@ -129,3 +129,25 @@ def test_flat_spectrum_does_not_converge_and_falls_back_to_the_full_svd():
     out = truncate_dense(M, 4)
     ref = svd_truncation(M.double(), 4)
     assert (out.delta().double() - ref).norm() <= 1e-4 * ref.norm()
+
+
+def test_join_takes_adjacent_slices_of_one_tensor_as_they_are_and_copies_otherwise():
+    from lora_lego.lowrank import join
+
+    A, B = torch.randn(10, 7), torch.randn(7, 10)
+    rows = [A[0:3], A[3:4], A[4:10]]
+    cols = [B[:, 0:2], B[:, 2:9], B[:, 9:10]]
+    for parts, dim, whole in ((rows, 0, A), (cols, 1, B)):
+        joined = join(parts, dim)
+        assert torch.equal(joined, torch.cat(parts, dim)) and torch.equal(joined, whole)
+        assert joined.data_ptr() == whole.data_ptr() and joined.stride() == whole.stride()  # no copy
+    for parts, dim in (([A[0:3], A[4:10]], 0),  # a gap
+                       ([A[3:4], A[0:3]], 0),  # out of order
+                       ([A[0:3], torch.randn(2, 7)], 0),  # another tensor
+                       ([B[:5, 0:2], B[:, 2:4]], 1)):  # other rows
+        if dim == 1 and parts[0].shape[0] != parts[1].shape[0]:
+            with pytest.raises(RuntimeError):
+                join(parts, dim)
+            continue
+        joined = join(parts, dim)
+        assert torch.equal(joined, torch.cat(parts, dim)) and joined.data_ptr() != A.data_ptr()

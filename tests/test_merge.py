@@ -1,5 +1,6 @@
 import importlib
 import json
+import re
 
 import pytest
 import torch
@@ -200,3 +201,50 @@ def test_a_method_result_with_nan_or_inf_is_refused_and_a_large_finite_one_kept(
     monkeypatch.setitem(METHODS, "lego", dataclasses.replace(lego, fn_many=poisoned))
     with pytest.raises(LoraLegoError, match="produced NaN or Inf"):
         merge(adapters, rank=2)
+
+
+@pytest.mark.parametrize("fmt", ["peft", "kohya"])
+def test_reading_into_stacked_factors_gives_the_loaders_values(tmp_path, fmt):
+    # the driver's read: each input converted straight into its rows of A and columns of B of one stacked
+    # pair; the values are bit for bit those of the plain loader (peft: its own load_into; kohya: copied)
+    from helpers import write_kohya
+
+    mods = [random_modules(4, i, ranks={"model.layers.0.self_attn.v_proj": 2} if i else None) for i in range(2)]
+    if fmt == "peft":
+        paths = [write_peft(tmp_path / f"a{i}", m, r=4, alpha=8, dtype=torch.float16,
+                            **({"rank_pattern": {"model.layers.0.self_attn.v_proj": 2}} if i else {}))
+                 for i, m in enumerate(mods)]
+    else:
+        paths = [write_kohya(tmp_path / f"a{i}.safetensors", m, alpha=3.0) for i, m in enumerate(mods)]
+    adapters = [load_adapter(p) for p in paths]
+    for name in adapters[0].modules:
+        plain = [a.factors(name) for a in adapters]
+        P = sum(f.rank for f in plain)
+        A, B = torch.full((P, plain[0].A.shape[1]), float("nan")), torch.full((plain[0].B.shape[0], P), float("nan"))
+        row = 0
+        for a, f in zip(adapters, plain):
+            got = a.factors(name, out=(A[row:row + f.rank], B[:, row:row + f.rank]))
+            assert got.A.data_ptr() == A[row].data_ptr() and got.scale == f.scale
+            row += f.rank
+        assert torch.equal(A, torch.cat([f.A for f in plain])) and torch.equal(B, torch.cat([f.B for f in plain], 1))
+
+
+def test_bad_values_in_any_input_are_refused_naming_that_input_when_read_stacked(tmp_path):
+    # the stacked read checks a module in one pass; on NaN, Inf or a value too large it reads each input
+    # again with every check, so that the error names the input and what is wrong
+    good = random_adapter(tmp_path / "good", seed=0)
+    cases = {"nan": (float("nan"), "lora_A contains NaN"), "inf": (float("inf"), "lora_A contains Inf"),
+             "large": (1e20, "beyond the 1e+12")}
+    for tag, (value, message) in cases.items():
+        mods = random_modules(4, 1)
+        mods["model.layers.0.self_attn.v_proj"][0][1, 2] = value
+        bad = write_peft(tmp_path / tag, mods, r=4, alpha=8)
+        with pytest.raises(LoraLegoError, match=rf"/{tag}(/adapter_model.safetensors)?: module model.layers.0.self_attn.v_proj: .*{re.escape(message)}"):
+            merge([load_adapter(good), load_adapter(bad)], rank=2)
+    # one pass over the stack bounds the largest value by the largest weight, which no input reaches here
+    # (1e10 at weight 1, values below 10 at weight 1e3): the per-input check lets the merge go on
+    mods = random_modules(4, 1)
+    mods["model.layers.0.self_attn.v_proj"][0][1, 2] = 1e10
+    large = load_adapter(write_peft(tmp_path / "1e10", mods, r=4, alpha=4))
+    merged = merge([large, load_adapter(good)], rank=2, weights=[1.0, 1e3])
+    assert set(merged.modules) == set(large.modules)

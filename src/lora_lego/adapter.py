@@ -89,6 +89,11 @@ class Adapter:
     base_model: str | None = None
     config: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+    # ``load_into(name, (A, B))``: ``loader``'s values written into two given float32 tensors, without its
+    # checks for NaN, Inf and overflow (the merge driver checks a module's stacked factors in one pass and
+    # reads again with ``loader`` for the exact error); see ``factors``. A format without one is read with
+    # ``loader`` and copied.
+    load_into: Callable[[str, tuple[torch.Tensor, torch.Tensor]], Factors] | None = None
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -99,8 +104,17 @@ class Adapter:
     def __iter__(self) -> Iterator[str]:
         return iter(self.modules)
 
-    def factors(self, name: str) -> Factors:
-        return self.loader(name)
+    def factors(self, name: str, out: tuple[torch.Tensor, torch.Tensor] | None = None) -> Factors:
+        """The module's factors (float32, scale folded into B); with ``out``, written into those two float32
+        tensors of the factors' shapes (views of a module's stacked factors, as the merge driver reads them:
+        converted straight into place, no copy to stack them later), which the returned factors are; then
+        the values may not have been checked for NaN, Inf or overflow (see ``load_into``)."""
+        if out is None:
+            return self.loader(name)
+        if self.load_into is not None:
+            return self.load_into(name, out)
+        f = self.loader(name)
+        return Factors(out[0].copy_(f.A), out[1].copy_(f.B), f.scale)
 
     @property
     def dtype(self) -> torch.dtype:

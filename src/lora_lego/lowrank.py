@@ -40,9 +40,26 @@ def truncate_factors(A: torch.Tensor, B: torch.Tensor, rank: int) -> Factors:
 def stack_factors(factors: list[Factors], weights: list[float]) -> Factors:
     """Stack the units of every input: A = [A_1; ...; A_N], B = [w_1 B_1, ..., w_N B_N], so that
     B @ A = Σ w_i B_i A_i exactly."""
-    A = torch.cat([f.A for f in factors], dim=0)
-    B = torch.cat([f.B * w if w != 1.0 else f.B for f, w in zip(factors, weights)], dim=1)  # no copy to multiply by 1
+    A = join([f.A for f in factors], dim=0)
+    B = join([f.B * w if w != 1.0 else f.B for f, w in zip(factors, weights)], dim=1)  # no copy to multiply by 1
     return Factors(A, B)
+
+
+def join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat(parts, dim)``; where the parts already lie one after the other along ``dim`` in one tensor
+    (the merge driver reads a module's inputs into one stacked A and B), that tensor itself, not a copy."""
+    first = parts[0]
+    others = lambda t: [n for d, n in enumerate(t.shape) if d != dim]  # noqa: E731
+    offset = first.storage_offset()
+    for t in parts:
+        if (t.device != first.device or t.dtype != first.dtype or t.stride() != first.stride()
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or t.storage_offset() != offset or others(t) != others(first)):
+            return torch.cat(parts, dim=dim)
+        offset += t.shape[dim] * t.stride(dim)
+    size = list(first.shape)
+    size[dim] = sum(t.shape[dim] for t in parts)
+    return first.as_strided(size, first.stride(), first.storage_offset())
 
 
 def truncate_sum(factors: list[Factors], weights: list[float], rank: int) -> Factors:

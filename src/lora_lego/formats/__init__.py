@@ -95,5 +95,7 @@ def convert(adapter: Adapter, target: str) -> Adapter:
     loader = adapter.loader
     # settings private to the source format (kohya's ss_* header, diffusers' header) do not carry over
     config = {k: v for k, v in adapter.config.items() if not k.startswith(f"{source}_")}
+    load_into = adapter.load_into
     return dataclasses.replace(adapter, modules=modules, loader=lambda name: loader(back[name]), format=target,
-                               config=config)
+                               config=config,
+                               load_into=(lambda name, out: load_into(back[name], out)) if load_into else None)

@@ -186,6 +186,15 @@ def load_peft(path: Path) -> Adapter:
         modules[name] = ModuleSpec(name, rank, alpha, lora_scale(alpha, rank, use_rslora),
                                    tuple(a_shape), tuple(b_shape), dtype, kind)
 
+    def load_into(name: str, out: tuple[torch.Tensor, torch.Tensor]) -> Factors:
+        """The loader's values written into ``out``, converted in the copy and scaled in place; unchecked
+        (see ``Adapter.load_into``)."""
+        spec = modules[name]
+        roles = keys[name]
+        A = out[0].copy_(source.get(roles["A"]).reshape(spec.rank, -1))
+        B = out[1].copy_(source.get(roles["B"]).reshape(-1, spec.rank))
+        return Factors(A, B.mul_(spec.scale), spec.scale)  # the scale multiplied in float32, as in loader
+
     def loader(name: str) -> Factors:
         spec = modules[name]
         roles = keys[name]
@@ -202,6 +211,7 @@ def load_peft(path: Path) -> Adapter:
     return Adapter(
         modules=modules,
         loader=loader,
+        load_into=load_into,
         format="peft",
         path=path,
         base_model=config.get("base_model_name_or_path"),
