@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import signal
 import sys
 import threading
@@ -340,6 +341,10 @@ def _on_sigterm(signum, frame):
 
 def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    if argv is None:  # the command itself, not a caller in a longer-lived process
+        # the imports' objects (torch's, thousands) are never garbage; set aside, they are not scanned again
+        # by every collection that parsing the inputs' headers sets off (0.1 s -> 0.03 s for 8 x Llama-7B)
+        gc.freeze()
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)

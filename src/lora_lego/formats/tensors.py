@@ -188,7 +188,8 @@ def store_dtype(tensors, wanted: torch.dtype, path: object, warn=None) -> torch.
     peak, where = 0.0, None
     for name, t in items:
         if t.numel():
-            m = float(t.detach().abs().max())
+            lo, hi = torch.aminmax(t.detach())  # the largest magnitude without the copy that abs() makes
+            m = max(-float(lo), float(hi))
             if m > peak:
                 peak, where = m, name
     if peak <= limit:
