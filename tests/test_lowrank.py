@@ -151,3 +151,15 @@ def test_join_takes_adjacent_slices_of_one_tensor_as_they_are_and_copies_otherwi
             continue
         joined = join(parts, dim)
         assert torch.equal(joined, torch.cat(parts, dim)) and joined.data_ptr() != A.data_ptr()
+
+
+@pytest.mark.parametrize("shape", [(40, 6), (6, 6), (4, 9)])
+def test_apply_q_is_the_reduced_q_of_the_qr_times_x(shape):
+    from lora_lego.lowrank import apply_q
+
+    M = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    Q, R = torch.linalg.qr(M)  # reduced: Q is m x min(m, n)
+    h, tau = torch.geqrf(M)
+    assert torch.allclose(h[:min(shape)].triu(), R, atol=1e-12)
+    X = torch.randn(Q.shape[1], 3, dtype=torch.float64)
+    assert torch.allclose(apply_q(h, tau, X), Q @ X, atol=1e-12)

@@ -27,14 +27,26 @@ def truncate_factors(A: torch.Tensor, B: torch.Tensor, rank: int) -> Factors:
     The output rank is ``rank``, or fewer where B A has fewer singular values (R, d_out or d_in).
     """
     dtype = A.dtype
-    Qb, Rb = torch.linalg.qr(B)
-    Qa, Ra = torch.linalg.qr(A.T)
+    # Householder QR without forming Q (geqrf): Q is applied to the k kept columns only (ormqr). Forming
+    # Q (orgqr) cost as much as the factorisation: 14.6 ms against 7.7 ms for an 11008 x 128 one on one
+    # thread, and the QRs were 4.2 of linear's 5 CPU-seconds on the 8 x Llama-7B set.
+    hb, tau_b = torch.geqrf(B)
+    ha, tau_a = torch.geqrf(A.T)
+    Rb, Ra = hb[:min(B.shape)].triu(), ha[:min(A.shape)].triu()
     # the core is small; float64 keeps its singular vectors accurate where singular values are close
     U, S, Vh = torch.linalg.svd(Rb.double() @ Ra.double().T, full_matrices=False)
     k = min(rank, S.numel())
-    new_B = Qb @ (U[:, :k] * S[:k]).to(dtype)
-    new_A = Vh[:k].to(dtype) @ Qa.T
+    new_B = apply_q(hb, tau_b, (U[:, :k] * S[:k]).to(dtype))
+    new_A = apply_q(ha, tau_a, Vh[:k].T.to(dtype)).T.contiguous()
     return Factors(new_A, new_B)
+
+
+def apply_q(reflectors: torch.Tensor, tau: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """Q X for the reduced Q (m x p, p = len(tau)) of a QR that ``torch.geqrf`` gave, X (p x k): the full Q
+    applied (ormqr) to X padded with zero rows, so that Q is never formed."""
+    padded = torch.zeros(reflectors.shape[0], X.shape[1], dtype=X.dtype, device=X.device)
+    padded[:X.shape[0]] = X
+    return torch.ormqr(reflectors, tau, padded)
 
 
 def stack_factors(factors: list[Factors], weights: list[float]) -> Factors:
