@@ -248,3 +248,18 @@ def test_bad_values_in_any_input_are_refused_naming_that_input_when_read_stacked
     large = load_adapter(write_peft(tmp_path / "1e10", mods, r=4, alpha=4))
     merged = merge([large, load_adapter(good)], rank=2, weights=[1.0, 1e3])
     assert set(merged.modules) == set(large.modules)
+
+
+def test_linear_with_its_qr_prepared_in_the_reader_thread_is_truncate_sum(tmp_path):
+    # linear's prepare (the stacked A and the QR of its transpose, in the reader thread) changes nothing:
+    # the merged factors are bit for bit lowrank.truncate_sum of the module's factors
+    from lora_lego.lowrank import truncate_sum
+    from lora_lego.methods.linear import linear, stacked_a_qr
+
+    adapters = [load_adapter(random_adapter(tmp_path / f"a{i}", rank=4, seed=i)) for i in range(3)]
+    merged = merge(adapters, method="linear", rank=3)
+    for name in adapters[0].modules:
+        factors = [a.factors(name) for a in adapters]
+        want = truncate_sum(factors, [1 / 3] * 3, 3)
+        for got in (merged.factors(name), linear(factors, [1 / 3] * 3, 3, prepared=stacked_a_qr(factors))):
+            assert torch.equal(got.A, want.A) and torch.equal(got.B, want.B)

@@ -18,20 +18,22 @@ def output_rank(factors: list[Factors], rank: int | None) -> int:
     return rank if rank is not None else max(f.rank for f in factors)
 
 
-def truncate_factors(A: torch.Tensor, B: torch.Tensor, rank: int) -> Factors:
+def truncate_factors(A: torch.Tensor, B: torch.Tensor, rank: int,
+                     qr_a: tuple[torch.Tensor, torch.Tensor] | None = None) -> Factors:
     """Best rank-``rank`` approximation of B @ A, with A (R x d_in) and B (d_out x R) stacked factors.
 
     B = Q_b R_b and Aᵀ = Q_a R_a (reduced QR), so B A = Q_b (R_b R_aᵀ) Q_aᵀ; the small core R_b R_aᵀ
     (at most R x R) is decomposed as U S Vᵀ, and (Q_b U, S, Q_a V) is the SVD of B A. Cost
     O((d_out + d_in) R² + R³), memory O((d_out + d_in) R): the d_out x d_in update is never formed.
     The output rank is ``rank``, or fewer where B A has fewer singular values (R, d_out or d_in).
+    ``qr_a``: ``torch.geqrf(A.T)`` if already made (linear's prepare step, in the merge's reader thread).
     """
     dtype = A.dtype
     # Householder QR without forming Q (geqrf): Q is applied to the k kept columns only (ormqr). Forming
     # Q (orgqr) cost as much as the factorisation: 14.6 ms against 7.7 ms for an 11008 x 128 one on one
     # thread, and the QRs were 4.2 of linear's 5 CPU-seconds on the 8 x Llama-7B set.
     hb, tau_b = torch.geqrf(B)
-    ha, tau_a = torch.geqrf(A.T)
+    ha, tau_a = qr_a if qr_a is not None else torch.geqrf(A.T)
     Rb, Ra = hb[:min(B.shape)].triu(), ha[:min(A.shape)].triu()
     # the core is small; float64 keeps its singular vectors accurate where singular values are close
     U, S, Vh = torch.linalg.svd(Rb.double() @ Ra.double().T, full_matrices=False)
