@@ -8,9 +8,9 @@ A method is ``fn(factors, weights, rank, *, generator, **options) -> Factors`` o
 A method may also name ``prepare(factors)``, work on a module's factors alone (lego: stacking them and
 their Gram products; linear: the QR of the stacked Aᵀ) that the merge driver runs in its reader thread,
 on the merge device, beside the merge of the previous module; the result reaches ``fn`` as the keyword
-``prepared``. ``fn`` must give the same result without it. And
-``fn_many(jobs, rank, **options) -> list[Factors]``, several modules (``ModuleJob``s) in one call, where that is cheaper (lego batches their k-means); it must give each module
-what ``fn`` gives it.
+``prepared``. ``fn`` must give the same result without it. And ``fn_many(jobs, rank, **options) ->
+list[Factors]``, several modules (``ModuleJob``s) in one call, where that is cheaper (lego batches their
+k-means); it must give each module what ``fn`` gives it.
 """
 
 from __future__ import annotations
