@@ -23,6 +23,48 @@ TARGETS = ["q_proj", "v_proj"]
 MAX_CHARS = 300  # of input text in a prompt
 
 
+def _body_and_head(model):
+    """The transformer body and the LM head of a causal LM, PEFT-wrapped or not (LoRA layers live inside)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model, inner.lm_head
+
+
+def prefix_kv(model, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values of every layer for the shared prompt prefix (batch 1)."""
+    body, _ = _body_and_head(model)
+    out = body(input_ids=torch.tensor([prefix]), use_cache=True)
+    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+
+def label_logits(model, prefix: list[int], suffixes: list[list[int]], label_ids: torch.Tensor,
+                 kv: list | None = None) -> torch.Tensor:
+    """Logits of the label tokens at the last position of ``prefix + suffix`` for each suffix: the same as
+    the plain forward's ``logits[:, -1, label_ids]``, computed cheaply. The shared prefix runs once (``kv``:
+    its keys and values, computed here if None; gradients flow through it when training), the suffixes are
+    right-padded (real tokens keep positions P.., padding only follows them, so causal attention never sees
+    it), and the LM head is applied only to the last real position's hidden state and only for the label
+    rows (for a 49k vocabulary the full head over every position is a large share of the work)."""
+    from transformers import DynamicCache
+
+    body, head = _body_and_head(model)
+    kv = prefix_kv(model, prefix) if kv is None else kv
+    n, p = len(suffixes), len(prefix)
+    lengths = torch.tensor([len(s) for s in suffixes])
+    width = int(lengths.max())
+    ids = torch.zeros(n, width, dtype=torch.long)
+    mask = torch.zeros(n, p + width, dtype=torch.long)
+    mask[:, :p] = 1
+    for i, s in enumerate(suffixes):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, p:p + len(s)] = 1
+    cache = DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv])
+    hidden = body(input_ids=ids, attention_mask=mask, position_ids=torch.arange(p, p + width).expand(n, width),
+                  past_key_values=cache, use_cache=True).last_hidden_state
+    last = hidden[torch.arange(n), lengths - 1]
+    out = last @ head.weight[label_ids].T
+    return out if head.bias is None else out + head.bias[label_ids]
+
+
 class DecoderTrack(TrackBase):
     name = "decoder"
     model_label = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32), rank classification"
@@ -49,6 +91,8 @@ class DecoderTrack(TrackBase):
                 raise RuntimeError(f"task {t}: label words share a first token")
             self.label_ids[t] = torch.tensor(ids)
         self._batches: dict[tuple[str, str], list] = {}
+        self._prefixes: dict[str, list[int]] = {}
+        self._prefix_kv: dict[str, list] = {}  # per task, for the current weights
 
     def base_dir(self) -> Path:
         """A float32 copy of the base model, made once from the GGUF (about 15 s; 520 MB)."""
@@ -79,29 +123,56 @@ class DecoderTrack(TrackBase):
         return self.tokenizer.apply_chat_template([{"role": "user", "content": msg}], tokenize=False,
                                                   add_generation_prompt=True)
 
+    def _ids(self, task: str, texts: list[str]) -> list[list[int]]:
+        return [self.tokenizer(self.prompt(task, x), add_special_tokens=False)["input_ids"] for x in texts]
+
     def _encode(self, task: str, texts: list[str]) -> dict:
         return self.tokenizer([self.prompt(task, x) for x in texts], padding=True, return_tensors="pt",
                               add_special_tokens=False)
 
-    def _class_logits(self, model, task: str, enc: dict) -> torch.Tensor:
+    def reference_logits(self, model, task: str, texts: list[str]) -> torch.Tensor:
+        """The plain forward (left padding, the LM head over every position): what ``label_logits``
+        must reproduce, kept for benchmarks/quality/decoder_check.py."""
+        enc = self._encode(task, texts)
         out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, -1, :]
         return out[:, self.label_ids[task]]
 
+    def _prefix(self, task: str) -> list[int]:
+        """The prompt tokens every item of the task shares (chat template, instruction), found from two
+        different texts, so that each item's own tokenisation splits exactly there."""
+        if task not in self._prefixes:
+            ids = self._ids(task, ["a", "1"])
+            n = next(i for i, (x, y) in enumerate(zip(*ids)) if x != y)
+            self._prefixes[task] = ids[0][:n]
+        return self._prefixes[task]
+
     def batches(self, task: str, split: str) -> list:
+        """The split's items as (indices, suffix token ids) batches, sorted by length to limit padding."""
         key = (task, split)
         if key not in self._batches:
             items = getattr(self.tasks[task], split)
-            order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
-            self._batches[key] = [(order[s:s + self.batch], self._encode(task, [items[i][0] for i in order[s:s + self.batch]]))
+            prefix = self._prefix(task)
+            ids = self._ids(task, [x for x, _ in items])
+            for i in ids:  # a tokenisation that merges across the boundary would change what is scored
+                if i[:len(prefix)] != prefix or len(i) == len(prefix):
+                    raise RuntimeError(f"task {task}: an item does not start with the shared prompt prefix")
+            order = sorted(range(len(items)), key=lambda i: len(ids[i]))
+            self._batches[key] = [(order[s:s + self.batch], [ids[i][len(prefix):] for i in order[s:s + self.batch]])
                                   for s in range(0, len(order), self.batch)]
         return self._batches[key]
 
-    @torch.no_grad()
+    def set_deltas(self, deltas) -> None:
+        super().set_deltas(deltas)
+        self._prefix_kv.clear()  # computed with the old weights
+
+    @torch.inference_mode()
     def logits(self, task: str, split: str) -> torch.Tensor:
         n = len(getattr(self.tasks[task], split))
         out = torch.empty(n, len(self.tasks[task].words))
-        for idx, enc in self.batches(task, split):
-            out[idx] = self._class_logits(self.model, task, enc)
+        if task not in self._prefix_kv:
+            self._prefix_kv[task] = prefix_kv(self.model, self._prefix(task))
+        for idx, suffixes in self.batches(task, split):
+            out[idx] = label_logits(self.model, self._prefix(task), suffixes, self.label_ids[task], self._prefix_kv[task])
         return out
 
     def adapter_dir(self, task: str, seed: int, rank: int, steps: int) -> Path:
@@ -121,8 +192,13 @@ class DecoderTrack(TrackBase):
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS))
         model.peft_config["default"].base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"  # not a local path
         model.train()
-        last = self.fit(model, task, steps, batch, lr, seed,
-                        lambda texts, y: F.cross_entropy(self._class_logits(model, task, self._encode(task, texts)), y))
+        prefix = self._prefix(task)
+
+        def batch_loss(texts, y):
+            suffixes = [i[len(prefix):] for i in self._ids(task, texts)]
+            return F.cross_entropy(label_logits(model, prefix, suffixes, self.label_ids[task]), y)
+
+        last = self.fit(model, task, steps, batch, lr, seed, batch_loss)
         save_trained(model, out)
         log(f"  trained {self.name} {task} r={rank} seed={seed}: {time.perf_counter() - t0:.1f}s, last loss {last:.3f}")
         return out

@@ -189,10 +189,13 @@ def e1_methods(lego_default: dict, variants: tuple[str, ...] = ()) -> list[tuple
 
 def e1_multitask(ctx: Context, lego_default: dict, multiples=(1,), sink=lambda recs: None, skip=(),
                  variants: tuple[str, ...] = (), tune_knobs: bool = True,
-                 only: list[str] | None = None) -> list[dict]:
+                 only: list[str] | None = None, reuse: dict | None = None) -> list[dict]:
     """Every method at k = r (defaults, and knobs tuned on validation); at 2r and 4r with the tuned knobs.
     ``skip``: row labels already measured (a resumed run). ``tune_knobs=False``: defaults only, no
-    validation grid (a quick run). ``only``: the row labels to run (None: all, with the output ensemble)."""
+    validation grid (a quick run). ``only``: the row labels to run (None: all, with the output ensemble).
+    ``reuse``: {(row label, k or None for exact methods): record} of test rows at default knobs that an
+    earlier run measured; they are not measured again (the earlier records stay where they are)."""
+    reuse = reuse or {}
     recs = []
     adapters = [ctx.adapters[t] for t in ctx.tasks]
     if "ensemble (outputs)" not in skip and (only is None or "ensemble (outputs)" in only):
@@ -215,22 +218,31 @@ def e1_multitask(ctx: Context, lego_default: dict, multiples=(1,), sink=lambda r
         else:
             chosen, trecs = tune(ctx, method, adapters, ctx.tasks, ctx.rank if takes_rank else None, fixed)
             new += [dict(r, row=label) for r in trecs]
+        at_r = None  # the test row at k = r (or the exact one) that the log line shows
         for mult in (multiples if takes_rank else (None,)):
             k = ctx.rank * mult if mult else None
             variants = [("default", Candidate("default", None))] if mult in (1, None) else []
             if chosen.label != "default" or not variants:
                 variants.append(("val", chosen))
             for tuned, cand in variants:
-                m = run_merge(adapters, method, k, cand.weights, ctx.seed, **fixed, **cand.opts)
-                s = score(ctx.track, m.deltas, ctx.tasks, "test")
-                new.append(ctx.base_record("E1", method=label, k=k if k else f"{m.rank} (exact)", tuned=tuned,
-                                           chosen=cand.label, split="test", scores=s, merge_s=m.seconds))
+                old = reuse.get((label, k)) if tuned == "default" else None
+                if old is not None:  # measured by an earlier run at the same knobs (the merge is seeded)
+                    rec = old
+                else:
+                    m = run_merge(adapters, method, k, cand.weights, ctx.seed, **fixed, **cand.opts)
+                    s = score(ctx.track, m.deltas, ctx.tasks, "test")
+                    rec = ctx.base_record("E1", method=label, k=k if k else f"{m.rank} (exact)", tuned=tuned,
+                                          chosen=cand.label, split="test", scores=s, merge_s=m.seconds)
+                    new.append(rec)
                 if tuned == "default" and chosen.label == "default" and tune_knobs:
-                    new.append(dict(new[-1], tuned="val"))
+                    rec = dict(rec, tuned="val")
+                    new.append(rec)
+                if k in (ctx.rank, None):
+                    at_r = rec
         recs += new
         sink(new)
         ctx.log(f"  E1 {label}: chose {chosen.label} on validation; test mean at k=r "
-                f"{mean(new[-1 if not takes_rank else [r.get('k') for r in new].index(ctx.rank)]['scores']):.3f} "
+                f"{mean(at_r['scores']) if at_r else float('nan'):.3f} "
                 f"({time.perf_counter() - t0:.0f}s)")
     return recs
 

@@ -94,9 +94,13 @@ def run_track(args, track_name: str) -> None:
             if exp == "E0":
                 new = E.e0_permutation(ctx, default)
             elif exp == "E1":
-                done = {r.get("method") for r in keep if r["exp"] == "E1"}
+                # resumed: a row is done when it has what this run would add (with tuning, its tuned row);
+                # its default-knob test rows are reused rather than measured again
+                done = {r.get("method") for r in keep if r["exp"] == "E1" and (args.no_tune or r.get("tuned") in ("val", "none"))}
+                reuse = {(r["method"], r["k"] if isinstance(r["k"], int) else None): r for r in keep
+                         if r["exp"] == "E1" and r.get("tuned") == "default" and not r.get("wider")}
                 E.e1_multitask(ctx, default, sink=sink, skip=done, tune_knobs=not args.no_tune,
-                               only=args.methods.split(",") if args.methods else None)
+                               only=args.methods.split(",") if args.methods else None, reuse=reuse)
                 new = []
             elif exp == "E6s":
                 new = E.e6_scale_probe(ctx, default)
