@@ -67,7 +67,8 @@ def run_track(args, track_name: str) -> None:
     steps = args.steps or (100 if track_name == "encoder" else 60)
     path = Path(args.results) / f"{track_name}.json"
     records = load_results(path)
-    for seed in range(args.seeds):
+    seeds = [int(x) for x in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
+    for seed in seeds:
         t0 = time.perf_counter()
         ctx = E.Context(track, seed, args.rank, steps, log=log, known=[r for r in records if r["track"] == track_name])
         log(f"{track_name} seed {seed}: adapters ready ({time.perf_counter() - t0:.0f}s); zero-shot test "
@@ -96,7 +97,8 @@ def run_track(args, track_name: str) -> None:
             elif exp == "E1":
                 done = {r.get("method") for r in keep if r["exp"] == "E1"}
                 E.e1_multitask(ctx, default, sink=sink, skip=done, tune_knobs=not args.no_tune,
-                               only=args.methods.split(",") if args.methods else None)
+                               only=args.methods.split(",") if args.methods else None,
+                               variants=tuple(E.LEGO_VARIANTS))
                 new = []
             elif exp == "E6s":
                 new = E.e6_scale_probe(ctx, default)
@@ -111,7 +113,7 @@ def run_track(args, track_name: str) -> None:
                 new = E.e6_gain(ctx, default)
             elif exp == "E1x":
                 records = store(path, records, [], dict(exp="E1", track=track_name, seed=seed, wider=True))
-                new = E.e1_wider(ctx, default, records)
+                new = E.e1_wider(ctx, default, records, rows=E.ranked_rows(default))
             elif exp == "E4":
                 lin = linear_choice(records, track_name, seed)
                 new = E.e4_heterogeneous(ctx, default, steps, lin["weights"][0] if lin else None)
@@ -144,7 +146,8 @@ def linear_choice(records: list[dict], track: str, seed: int) -> dict | None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--track", default="encoder", choices=["encoder", "decoder", "both"])
-    p.add_argument("--seeds", type=int, default=int(os.environ.get("SEEDS", "1")))
+    p.add_argument("--seeds", type=int, default=int(os.environ.get("SEEDS", "1")), help="run training seeds 0..N-1")
+    p.add_argument("--seed-list", default="", help="comma-separated training seeds to run instead of --seeds (e.g. 1,2)")
     p.add_argument("--experiments", default="E6,E1,E0,E5,E3,E7,E2,E6s,E1x,E4",
                    help="comma-separated, run in this order (E6s: E6's scale probe; E6g: output-scale rules on E6's task sets; E1x: E1 at 2r and 4r; E1v: E1 rows of the lego variants)")
     p.add_argument("--tasks", default="", help="comma-separated task names (default: the track's)")
