@@ -97,7 +97,7 @@ def run_track(args, track_name: str) -> None:
             elif exp == "E1":
                 done = {r.get("method") for r in keep if r["exp"] == "E1"}
                 E.e1_multitask(ctx, default, sink=sink, skip=done, tune_knobs=not args.no_tune,
-                               only=args.methods.split(",") if args.methods else None,
+                               only=split_labels(args.methods) if args.methods else None,
                                variants=tuple(E.LEGO_VARIANTS))
                 new = []
             elif exp == "E6s":
@@ -111,9 +111,11 @@ def run_track(args, track_name: str) -> None:
                 new = E.e1_wider(ctx, default, records, rows=tuple(E.LEGO_VARIANTS))
             elif exp == "E6g":
                 new = E.e6_gain(ctx, default)
-            elif exp == "E1x":
-                records = store(path, records, [], dict(exp="E1", track=track_name, seed=seed, wider=True))
-                new = E.e1_wider(ctx, default, records, rows=E.ranked_rows(default))
+            elif exp == "E1x":  # with --methods: only those rows, the seed's other 2r and 4r rows kept
+                rows = [m for m in E.ranked_rows(default) if not args.methods or m in split_labels(args.methods)]
+                for m in rows:
+                    records = store(path, records, [], dict(exp="E1", track=track_name, seed=seed, wider=True, method=m))
+                new = E.e1_wider(ctx, default, records, rows=tuple(rows))
             elif exp == "E4":
                 lin = linear_choice(records, track_name, seed)
                 new = E.e4_heterogeneous(ctx, default, steps, lin["weights"][0] if lin else None)
@@ -129,6 +131,19 @@ def run_track(args, track_name: str) -> None:
                 raise SystemExit(f"unknown experiment {exp}")
             records = store(path, records, new, dict(exp="__never__"))
             log(f"{track_name} seed {seed} {exp}: {time.perf_counter() - t1:.0f}s")
+
+
+def split_labels(text: str) -> list[str]:
+    """Comma-separated row labels; a comma inside parentheses belongs to the label."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return [x for x in out + [cur.strip()] if x]
 
 
 E_DECODER_TASKS = ["sms_spam", "trec", "bbc_news", "movie_sent"]
@@ -160,7 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(HERE / "results"), help="folder of the <track>.json measurements")
     p.add_argument("--resume", action="store_true", help="E1: keep the methods already measured")
     p.add_argument("--no-tune", action="store_true", help="E1: default knobs only, no validation grid")
-    p.add_argument("--methods", default="", help="E1: comma-separated row labels to run (default: all)")
+    p.add_argument("--methods", default="", help="E1, E1x: comma-separated row labels to run (default: all)")
     p.add_argument("--smoke", action="store_true", help="2 tasks, few steps; check coarse facts and exit")
     p.add_argument("--report", action="store_true", help="only rewrite RESULTS.md and the plots")
     args = p.parse_args(argv)
