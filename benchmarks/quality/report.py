@@ -177,6 +177,8 @@ def e1_summary(T: Track, rank: int = 8) -> str:
         if cells[1] == "-":
             continue
         rows.append([m] + cells + [str(most)])
+    if not rows:  # no knobs were tuned (a --no-tune run): the full table says it all
+        return ""
     rows.sort(key=lambda x: -float(x[2].split()[0]))
     return ("Summary (test mean over the tasks, mean ± std over training seeds; `tuned` = the input weight λ and "
             "density chosen on validation at k = r, kept at 2r and 4r; the full table below has each task, the "
