@@ -505,6 +505,10 @@ def write_report(here: Path, log=print) -> Path:
             if have and len(have) < 3:
                 extra.append(f"{T.name} {e}: training seeds {', '.join(str(s) for s in range(3) if s not in have)} "
                              f"(only seed{'s' if len(have) > 1 else ''} {', '.join(map(str, sorted(have)))})")
+        for e in ("E0", "E1", "E2", "E3", "E4", "E5", "E7"):
+            methods = {r.get("method", "") for r in T.exp(e)}
+            if any("previous default" in m for m in methods) and not any(m.startswith("lego") and "(default)" in m for m in methods):
+                extra.append(f"{T.name} {e}: LoRA-LEGO with today's default (only the earlier run's `norm_rms` rows exist)")
         ranked = {r["method"] for r in T.exp("E1") if str(r["k"]).isdigit()}
         wider = {r["method"] for r in T.exp("E1") if r.get("wider")}
         if ranked - wider:
