@@ -342,8 +342,8 @@ def section_e6(T: Track) -> str:
                            for v in sets.values()) if "norm_geo" in rules else 0
                 rows.append([str(seed), str(len(sets)), *cells, str(wins)])
             rows.append(["**mean ± std over seeds**", "-", *(f"**{pm(avgs[rule])} / {pm(eights[rule])}**" for rule in rules), "-"])
-            parts.append("The same comparison for every training seed run (each seed draws its own task subsets: all "
-                         f"{len(T.tasks)} tasks, four 4-task and five or so 2-task sets; validation): the average over "
+            parts.append("The same comparison for every training seed run (each seed draws its own task sets: all "
+                         f"{len(T.tasks)} tasks plus the distinct 4- and 2-task sets of three subset seeds; validation): the average over "
                          f"that seed's sets / the all-{len(T.tasks)}-task set, and on how many sets `norm_geo` scored "
                          "highest (ties go to the first rule listed):\n\n"
                          + table(["training seed", "task sets", *rules, "sets where norm_geo is best"], rows))
