@@ -30,7 +30,7 @@ ENCODER_RUNS = {"encoder": (
     "\"lego (default),lego (paper config),lego (norm_rms, previous default)\"` and `--seed-list 0 --experiments "
     "E1x --methods \"<those three>,average,dare_linear,dare_ties,magnitude_prune\"`; then `--seed-list 0 "
     "--experiments E3`, `--seed-list 1,2 --experiments E6g`, `--seed-list 0 --experiments E4`, `E2` and `E7` "
-    "one after the other, and `--seed-list 1,2 --experiments E3`. Rows labelled `norm_rms, previous default` are LoRA-LEGO with `output_reweight=norm_rms` "
+    "one after the other, then `--seed-list 1,2 --experiments E3` and `--seed-list 1,2 --experiments E2`. Rows labelled `norm_rms, previous default` are LoRA-LEGO with `output_reweight=norm_rms` "
     "(the default before `norm_geo`), otherwise the same; in the experiments not re-run since (see Not run) "
     "they are the earlier run's `lego (default)` rows. Test and validation sizes are the command's defaults "
     "(`--n-test 200 --n-val 100`).")}
