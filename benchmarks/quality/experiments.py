@@ -173,8 +173,9 @@ def tune(ctx: Context, method: str, adapters: list[Adapter], tasks: list[str], r
     return best[1], recs
 
 
-# E1 rows for lego variants that are not the default, measured on request (run.py's E1v)
-LEGO_VARIANTS = {"lego (norm_geo)": dict(output_reweight="norm_geo")}
+# E1 rows for lego variants beside the default (E1 runs them; run.py's E1v re-runs only them): the previous
+# default output rule, so that every seed compares it with today's norm_geo on test
+LEGO_VARIANTS = {"lego (norm_rms, previous default)": dict(output_reweight="norm_rms")}
 
 
 def e1_methods(lego_default: dict, variants: tuple[str, ...] = ()) -> list[tuple[str, str, dict]]:
@@ -185,6 +186,11 @@ def e1_methods(lego_default: dict, variants: tuple[str, ...] = ()) -> list[tuple
         if name not in ("lego", "concat"):
             rows.append((name, name, {}))
     return rows
+
+
+def ranked_rows(lego_default: dict) -> tuple[str, ...]:
+    """E1's row labels whose method takes a rank budget (the rows E1x repeats at 2r and 4r)."""
+    return tuple(label for label, method, _ in e1_methods(lego_default, tuple(LEGO_VARIANTS)) if METHODS[method].takes_rank)
 
 
 def e1_multitask(ctx: Context, lego_default: dict, multiples=(1,), sink=lambda recs: None, skip=(),

@@ -14,6 +14,26 @@ TRACK_INFO = {
     "decoder": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32) with rank classification over the first token "
                "of each label word; LoRA r=8, alpha=16 on q_proj/v_proj; AdamW lr 1e-3, 60 steps of batch 8",
 }
+# How the encoder records came to be: the runs, in order, each adding its records to results/encoder.json
+# (replacing those of the same experiment and seed).
+ENCODER_RUNS = {"encoder": (
+    "Training seed 0's task adapters are the ones committed under `examples/minilm-tasks/` (copied into the "
+    "cache as `<task>-r8-s0-st100`); seeds 1 and 2 were trained by the runs below. The validation ablations "
+    "E6 and E6s ran on seed 0 only, first, with the code of their time (`--seeds 1 --experiments E6`, which "
+    "chose `norm_rms`, then `E6s`), then `E6g` on seed 0 (which made `norm_geo` the default). The test tables "
+    "were then measured with today's default LoRA-LEGO (`output_reweight=norm_geo, canonicalize=direction, "
+    "param_reweight=joint, unit_split=b`, the rows `lego (default)`) by "
+    "`OMP_NUM_THREADS=1 python -m benchmarks.quality.run --track encoder --threads 1` with, in this order: "
+    "`--seed-list 1,2 --experiments E1,E1x`; for seed 0 only the LoRA-LEGO rows, because the other methods' "
+    "seed-0 rows from the earlier run reproduce bit for bit with today's code (checked for ties, dare_ties and "
+    "average: identical per-task test scores): `--seed-list 0 --experiments E1 --resume --methods "
+    "\"lego (default),lego (paper config),lego (norm_rms, previous default)\"` and `--seed-list 0 --experiments "
+    "E1x --methods \"<those three>,average,dare_linear,dare_ties,magnitude_prune\"`; then `--seed-list 0 "
+    "--experiments E3`, `--seed-list 1,2 --experiments E6g`, `--seed-list 0 --experiments E4`, `E2` and `E7` "
+    "one after the other, then `--seed-list 1,2 --experiments E3` and `--seed-list 1,2 --experiments E2`. Rows labelled `norm_rms, previous default` are LoRA-LEGO with `output_reweight=norm_rms` "
+    "(the default before `norm_geo`), otherwise the same; in the experiments not re-run since (see Not run) "
+    "they are the earlier run's `lego (default)` rows. Test and validation sizes are the command's defaults "
+    "(`--n-test 200 --n-val 100`).")}
 COMMANDS = {
     "encoder": "python -m benchmarks.quality.run --track encoder --seeds {seeds} --experiments {exps}",
     "decoder": "python -m benchmarks.quality.run --track decoder --seeds {seeds} --experiments {exps}",
@@ -70,8 +90,8 @@ def section_reference(T: Track) -> str:
     zs, ind = T.ref("zero-shot"), T.ref("individual")
     rows = []
     for label, d in (("zero-shot (base model)", zs), ("individual task LoRA", ind)):
-        rows.append([label] + [pm([d[s][t] for s in d]) for t in T.tasks] + [pm([mean(d[s].values()) for s in d])])
-    return table(["", *map(short, T.tasks), "mean"], rows)
+        rows.append([label, str(len(d))] + [pm([d[s][t] for s in d]) for t in T.tasks] + [pm([mean(d[s].values()) for s in d])])
+    return table(["", "seeds", *map(short, T.tasks), "mean"], rows)
 
 
 def section_e0(T: Track) -> str:
@@ -83,31 +103,88 @@ def section_e0(T: Track) -> str:
     for m, rs in g.items():
         per_seed = grouped(rs, lambda r: r["seed"])
         per_task = {t: [r["scores"][t] for r in rs if r["task"] == t] for t in T.tasks}
-        rows.append([m] + [pm(per_task[t]) for t in T.tasks] + [pm([mean(r["scores"][r["task"]] for r in v) for v in per_seed.values()])])
-    return table(["method (LoRA + rank-permuted copy)", *map(short, T.tasks), "mean"], rows)
+        rows.append([m, n_seeds(rs)] + [pm(per_task[t]) for t in T.tasks] + [pm([mean(r["scores"][r["task"]] for r in v) for v in per_seed.values()])])
+    return table(["method (LoRA + rank-permuted copy)", "seeds", *map(short, T.tasks), "mean"], rows)
+
+
+def n_seeds(rs: list[dict]) -> str:
+    return str(len({r["seed"] for r in rs}))
+
+
+def chosen_label(rs: list[dict]) -> str:
+    """The knobs chosen on validation, per seed when the seeds chose differently."""
+    per = sorted({(r["seed"], r.get("chosen", "")) for r in rs})
+    labels = {c for _, c in per}
+    if len(labels) == 1:
+        return labels.pop()
+    return "; ".join(f"seed {s}: {c}" for s, c in per)
+
+
+def e1_groups(T: Track) -> dict:
+    """E1's records grouped by (row, k, knobs). A tuned row whose every seed kept the defaults is the
+    default row itself, so it is folded into it (labelled so); otherwise the tuned row has every seed."""
+    recs = T.exp("E1")
+    g = grouped(recs, lambda r: (r["method"], str(r["k"]), r["tuned"]))
+    out = {}
+    for (m, k, tuned), rs in g.items():
+        if tuned == "val" and not any(r.get("wider") for r in rs) and (m, k, "default") in g \
+                and all(r.get("chosen") == "default" for r in rs) \
+                and {r["seed"] for r in rs} == {r["seed"] for r in g[(m, k, "default")]}:
+            continue
+        label = tuned
+        if tuned == "default":
+            val = g.get((m, k, "val"), [])
+            if val and all(r.get("chosen") == "default" for r in val) and {r["seed"] for r in val} == {r["seed"] for r in rs}:
+                label = "default (also chosen on val)"
+        elif tuned == "val":
+            label = f"val ({chosen_label(rs)})"
+        out[(m, k, label)] = rs
+    return out
 
 
 def section_e1(T: Track) -> str:
-    recs = T.exp("E1")
-    if not recs:
+    if not T.exp("E1"):
         return "not run"
     ind = T.ref("individual")
-    dup = lambda r: r["tuned"] == "val" and r.get("chosen") == "default" and not r.get("wider")  # noqa: E731
-    kept = {(r["method"], str(r["k"])) for r in recs if dup(r)}
-    recs = [r for r in recs if not dup(r)]
-    g = grouped(recs, lambda r: (r["method"], str(r["k"]), r["tuned"]))
     rows = []
-    for (m, k, tuned), rs in sorted(g.items(), key=lambda kv: (kv[0][1].isdigit() and int(kv[0][1]) or 0, -mean(mean(r["scores"].values()) for r in kv[1]))):
+    order = lambda kv: (kv[0][1].isdigit() and int(kv[0][1]) or 0, -mean(mean(r["scores"].values()) for r in kv[1]))  # noqa: E731
+    for (m, k, knobs), rs in sorted(e1_groups(T).items(), key=order):
         means = [mean(r["scores"].values()) for r in rs]
         norm = [mean(r["scores"][t] / ind[r["seed"]][t] for t in T.tasks) for r in rs]
-        chosen = ", ".join(sorted({r.get("chosen", "") for r in rs})) if tuned == "val" else ""
         secs = [r["merge_s"] for r in rs if r.get("merge_s") is not None]
-        if tuned == "default" and (m, k) in kept:
-            tuned = "default (also chosen on val)"
-        rows.append([m, k, tuned + (f" ({chosen})" if chosen else "")]
+        rows.append([m, k, knobs, n_seeds(rs)]
                     + [pm([r["scores"][t] for r in rs]) for t in T.tasks]
                     + [f"**{pm(means)}**", pm(norm), f"{mean(secs):.2f}" if secs else "-"])
-    return table(["method", "rank k", "knobs", *map(short, T.tasks), "mean", "mean / individual", "merge s"], rows)
+    return table(["method", "rank k", "knobs", "seeds", *map(short, T.tasks), "mean", "mean / individual", "merge s"], rows)
+
+
+def e1_summary(T: Track, rank: int = 8) -> str:
+    """The headline: each ranked method's test mean at k = r (defaults, and knobs chosen on validation)
+    and at 2r and 4r (the knobs chosen at r), mean ± std over seeds, best tuned k = r first."""
+    recs = [r for r in T.exp("E1") if str(r["k"]).isdigit()]
+    if not recs:
+        return ""
+    g = grouped(recs, lambda r: r["method"])
+    cols = [("default", rank), ("val", rank), ("val", 2 * rank), ("val", 4 * rank)]
+    rows = []
+    for m, rs in g.items():
+        sels = [[r for r in rs if r["tuned"] == tuned and int(r["k"]) == k] for tuned, k in cols]
+        most = max(len({r["seed"] for r in sel}) for sel in sels)
+        cells = []
+        for sel in sels:  # a cell with fewer seeds than its row says how many
+            n = len({r["seed"] for r in sel})
+            cells.append(pm([mean(r["scores"].values()) for r in sel]) + (f" ({n} seed{'s' if n > 1 else ''})" if 0 < n < most else ""))
+        if cells[1] == "-":
+            continue
+        rows.append([m] + cells + [str(most)])
+    if not rows:  # no knobs were tuned (a --no-tune run): the full table says it all
+        return ""
+    rows.sort(key=lambda x: -float(x[2].split()[0]))
+    return ("Summary (test mean over the tasks, mean ± std over training seeds; `tuned` = the input weight λ and "
+            "density chosen on validation at k = r, kept at 2r and 4r; the full table below has each task, the "
+            "chosen knobs per seed and the exact methods):\n\n"
+            + table(["method", f"default, k = r = {rank}", "tuned, k = r", f"tuned, k = 2r = {2 * rank}",
+                     f"tuned, k = 4r = {4 * rank}", "seeds"], rows) + "\n\n")
 
 
 def section_e2(T: Track) -> str:
@@ -119,15 +196,15 @@ def section_e2(T: Track) -> str:
     rows = []
     for label, method in (("zero-shot", "zero-shot"), ("individual (oracle: the input's own LoRA)", "individual")):
         d = T.ref(method)
-        rows.append([label] + [pm([d[s][t] for s in d]) for t in T.tasks] + [pm([mean(d[s].values()) for s in d]), "-"])
+        rows.append([label, str(len(d))] + [pm([d[s][t] for s in d]) for t in T.tasks] + [pm([mean(d[s].values()) for s in d]), "-"])
     for m, rs in g.items():
-        rows.append([m + " of the top 3"] + [pm([r["scores"][t] for r in rs]) for t in T.tasks]
+        rows.append([m + " of the top 3", n_seeds(rs)] + [pm([r["scores"][t] for r in rs]) for t in T.tasks]
                     + [f"**{pm([mean(r['scores'].values()) for r in rs])}**", f"{mean(r['merge_s'] for r in rs):.2f}"])
     head = ""
     if info:
         head = (f"Retrieval recall (the input's own task among the 3 retrieved): {pm([r['recall'] for r in info])}; "
-                f"distinct sets of 3 merged: {', '.join(str(r['groups']) for r in info)}. Methods at their default knobs.\n\n")
-    return head + table(["method", *map(short, T.tasks), "mean", "merge s per set"], rows)
+                f"distinct sets of 3 merged, per seed: {', '.join(str(r['groups']) for r in info)}. Methods at their default knobs.\n\n")
+    return head + table(["method", "seeds", *map(short, T.tasks), "mean", "merge s per set"], rows)
 
 
 def section_e3(T: Track) -> str:
@@ -137,9 +214,9 @@ def section_e3(T: Track) -> str:
     g = grouped(recs, lambda r: r["method"])
     rows = []
     for m, rs in g.items():
-        rows.append([m] + [pm([r["scores"][t] for r in rs if r["task"] == t]) for t in T.tasks]
+        rows.append([m, n_seeds(rs)] + [pm([r["scores"][t] for r in rs if r["task"] == t]) for t in T.tasks]
                     + [pm([mean(r["scores"][r["task"]] for r in v) for v in grouped(rs, lambda r: r["seed"]).values()])])
-    return table(["merge of the other tasks → held-out task", *map(short, T.tasks), "mean"], rows)
+    return table(["merge of the other tasks → held-out task", "seeds", *map(short, T.tasks), "mean"], rows)
 
 
 def section_e4(T: Track) -> str:
@@ -151,13 +228,13 @@ def section_e4(T: Track) -> str:
     tasks = list(merged[0]["scores"]) if merged else []
     rows = []
     if ind:
-        rows.append(["individual LoRAs of those ranks", "-"] + [pm([r["scores"][t] for r in ind if r["task"] == t]) for t in tasks]
-                    + [pm([mean(r["scores"][r["task"]] for r in ind)])])
+        rows.append(["individual LoRAs of those ranks", "-", n_seeds(ind)] + [pm([r["scores"][t] for r in ind if r["task"] == t]) for t in tasks]
+                    + [pm([mean(r["scores"][r["task"]] for r in v) for v in grouped(ind, lambda r: r["seed"]).values()])])
     for (m, kind), rs in grouped(merged, lambda r: (r["method"], r["inputs"])).items():
-        rows.append([m, kind] + [pm([r["scores"][t] for r in rs]) for t in tasks] + [f"**{pm([mean(r['scores'].values()) for r in rs])}**"])
+        rows.append([m, kind, n_seeds(rs)] + [pm([r["scores"][t] for r in rs]) for t in tasks] + [f"**{pm([mean(r['scores'].values()) for r in rs])}**"])
     return ("Merged at k = 8; ranks per task: " + ", ".join(f"{short(t)} r={r}" for t, r in
             zip(tasks, [int(x) for x in merged[0]["inputs"].split()[1].split("/")])) + ".\n\n"
-            + table(["method", "inputs", *map(short, tasks), "mean"], rows)) if merged else "not run"
+            + table(["method", "inputs", "seeds", *map(short, tasks), "mean"], rows)) if merged else "not run"
 
 
 def section_e5(T: Track) -> str:
@@ -168,9 +245,9 @@ def section_e5(T: Track) -> str:
     rows = []
     for (m, k), rs in sorted(g.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
         per_seed = grouped(rs, lambda r: r["seed"])
-        rows.append([m, str(k)] + [pm([r["retention"] for r in rs if r["task"] == t]) for t in T.tasks]
+        rows.append([m, str(k), n_seeds(rs)] + [pm([r["retention"] for r in rs if r["task"] == t]) for t in T.tasks]
                     + [f"**{pm([mean(r['retention'] for r in v) for v in per_seed.values()])}**"])
-    return table(["pruning method", "rank k", *map(short, T.tasks), "mean retention"], rows)
+    return table(["pruning method", "rank k", "seeds", *map(short, T.tasks), "mean retention"], rows)
 
 
 def section_e6(T: Track) -> str:
@@ -220,11 +297,13 @@ def section_e6(T: Track) -> str:
         for key, rs in g.items():
             name = f"all {len(T.tasks)}" if len(rs[0]["tasks"]) == len(T.tasks) else " + ".join(map(short, rs[0]["tasks"]))
             rows.append([name] + [pm([mean(r["scores"].values()) for r in rs if r["lam"] == lam]) for lam in lams])
-        parts.append("Scale probe (run after the default was chosen; validation): the default LoRA-LEGO with every "
-                     "input weighted λ > 1, i.e. the merged update scaled to λ times the RMS of the inputs' norms "
-                     "(λ = 1 is the default, in the tables above):\n\n"
+        parts.append("Scale probe (run when `norm_rms` was the default, before `norm_geo` replaced it; validation): "
+                     "LoRA-LEGO with `output_reweight=norm_rms` and every input weighted λ > 1, i.e. the merged update "
+                     "scaled to λ times the RMS of the inputs' norms (λ = 1 is `norm_rms` itself, in the tables "
+                     "above):\n\n"
                      + table(["task set", *(f"λ={lam}" for lam in lams)], rows))
-    gain = T.exp("E6g")
+    gain_all = T.exp("E6g")
+    gain = [r for r in gain_all if r["seed"] == min((r["seed"] for r in gain_all), default=0)]
     if gain:
         rules = list(dict.fromkeys(r["rule"] for r in gain))
         g = grouped(gain, lambda r: ",".join(r["tasks"]))
@@ -243,9 +322,31 @@ def section_e6(T: Track) -> str:
         parts.append("Output-scale rules without fitted constants (run after the scale probe; validation), everything "
                      "else at the default (`joint`, `direction`): `norm_rms` scales the merged update to the RMS of "
                      "the inputs' update norms, `norm_gain` to rms² / ‖mean update‖ (rms for identical inputs, up to "
-                     "rms·sqrt(N) for orthogonal ones), `norm_geo` to sqrt(rms · gain). The first 5 sets are stage 2's; "
+                     "rms·sqrt(N) for orthogonal ones), `norm_geo` to sqrt(rms · gain). Training seed "
+                     f"{gain[0]['seed']}; the first 5 sets are stage 2's; "
                      "the others are the 4- and 2-task sets drawn with subset seeds 1 and 2:\n\n"
                      + table(["task set", *rules], rows))
+        per_seed = grouped(gain_all, lambda r: r["seed"])
+        if len(per_seed) > 1:
+            rows, avgs, eights = [], {rule: [] for rule in rules}, {rule: [] for rule in rules}
+            for seed, rs in sorted(per_seed.items()):
+                sets = grouped(rs, lambda r: ",".join(r["tasks"]))
+                cells = []
+                for rule in rules:
+                    vals = {key: mean(mean(r["scores"].values()) for r in v if r["rule"] == rule) for key, v in sets.items()}
+                    full = [v for key, v in vals.items() if len(key.split(",")) == len(T.tasks)]
+                    avgs[rule].append(mean(vals.values()))
+                    eights[rule].extend(full)
+                    cells.append(f"{mean(vals.values()):.3f} / {full[0]:.3f}" if full else f"{mean(vals.values()):.3f}")
+                wins = sum(max(rules, key=lambda rule: mean(mean(r["scores"].values()) for r in v if r["rule"] == rule)) == "norm_geo"
+                           for v in sets.values()) if "norm_geo" in rules else 0
+                rows.append([str(seed), str(len(sets)), *cells, str(wins)])
+            rows.append(["**mean ± std over seeds**", "-", *(f"**{pm(avgs[rule])} / {pm(eights[rule])}**" for rule in rules), "-"])
+            parts.append("The same comparison for every training seed run (each seed draws its own task sets: all "
+                         f"{len(T.tasks)} tasks plus the distinct 4- and 2-task sets of three subset seeds; validation): the average over "
+                         f"that seed's sets / the all-{len(T.tasks)}-task set, and on how many sets `norm_geo` scored "
+                         "highest (ties go to the first rule listed):\n\n"
+                         + table(["training seed", "task sets", *rules, "sets where norm_geo is best"], rows))
     return "\n\n".join(parts)
 
 
@@ -259,7 +360,7 @@ def section_e7(T: Track, out: Path) -> str:
     if not recs:
         return "not run"
     g = grouped(recs, lambda r: (r["method"], r["k"]))
-    rows = [[m, str(k), pm([mean(r["scores"].values()) for r in rs]), f"{mean(r['merge_s'] for r in rs):.2f}"]
+    rows = [[m, str(k), n_seeds(rs), pm([mean(r["scores"].values()) for r in rs]), f"{mean(r['merge_s'] for r in rs):.2f}"]
             for (m, k), rs in sorted(g.items())]
     try:
         import matplotlib
@@ -289,7 +390,7 @@ def section_e7(T: Track, out: Path) -> str:
         plot = f"\n\n![E7 rank sweep]({png.name})"
     except ImportError:
         plot = "\n\n(plot not drawn: matplotlib is not installed)"
-    return table(["method", "k", "test mean", "merge s"], rows) + plot
+    return table(["method", "k", "seeds", "test mean", "merge s"], rows) + plot
 
 
 def plot_e1(T: Track, out: Path) -> str:
@@ -360,15 +461,11 @@ def write_report(here: Path, log=print) -> Path:
             head = [meta["info"] + sizes + ".", "", f"Seeds run: {', '.join(map(str, T.seeds))}. Command: "
                     f"`{meta['command']}`. {meta.get('note', '')}".rstrip(), ""]
         else:
+            per_exp = {e: sorted({r["seed"] for r in T.records if r["exp"] == e or (e == "E1x" and r.get("wider"))}) for e in exps}
             head = [TRACK_INFO[T.name].rstrip(";") + sizes + ".", "",
-                    f"Seeds run: {', '.join(map(str, T.seeds))}. Command: `{cmd}` (E6 first: it chose the "
-                    "LoRA-LEGO default that the later experiments use as `lego (default)`; the results in this file "
-                    "came from runs of that command split into `--experiments E6`, then `E1,E0,E5,E3,E7`, then "
-                    "`E2,E6s`, then `E1x,E4`, then `E6g,E1v` (E6g: the output-scale rules on more task sets; E1v: E1's "
-                    "`lego (norm_geo)` rows), each adding its records to the results file). Test and validation sizes "
-                    "are the command's defaults (`--n-test 200 --n-val 100`). The rows `lego (default)` were measured "
-                    "with `output_reweight=norm_rms`, E6's choice and the default when they ran; E6g's comparison then "
-                    "made `norm_geo` the default, which the rows `lego (norm_geo)` measure.", ""]
+                    f"Seeds run: {', '.join(map(str, T.seeds))}; per experiment: "
+                    + "; ".join(f"{e} {', '.join(map(str, v))}" for e, v in per_exp.items()) + ". "
+                    + ENCODER_RUNS.get(T.name, f"Command: `{cmd}`."), ""]
         lines += [f"## {T.name.capitalize()} track", ""] + head + [
                   "### Reference: zero-shot base model and each task's own LoRA", "", section_reference(T), ""]
         sections = [("E0", lambda: [
@@ -381,7 +478,7 @@ def write_report(here: Path, log=print) -> Path:
                   "method (the method's default, λ ∈ {0.25, 0.5, 1}), then, at that λ, the density where the method "
                   "has one (∈ {0.2, 0.5, 0.8}). `mean / individual` = accuracy normalised by each task's own LoRA. "
                   "Exact methods (concat, the output ensemble) have no rank budget and are marked as such.", "",
-                  plot_e1(T, here) + section_e1(T), ""]),
+                  e1_summary(T) + plot_e1(T, here) + section_e1(T), ""]),
                   ("E2", lambda: ["### E2 mixed-task: each input retrieves 3 LoRAs, which are merged for it", "",
                   "Each test input's base-model embedding is compared with each task's key (the mean base embedding "
                   "of 100 of its training items); the 3 closest task LoRAs are merged and the input is scored "
@@ -403,12 +500,19 @@ def write_report(here: Path, log=print) -> Path:
                 missing.append(f"{name} {e}")
     extra = []
     for T in tracks:
-        if len(T.seeds) < 3:
-            extra.append(f"{T.name} track: training seeds {', '.join(str(s) for s in range(len(T.seeds), 3))} "
-                         "(the tables have no spread over seeds)")
+        for e in ("E0", "E1", "E2", "E3", "E4", "E5", "E6", "E6s", "E6g", "E7"):
+            have = {r["seed"] for r in T.exp(e)}
+            if have and len(have) < 3:
+                extra.append(f"{T.name} {e}: training seeds {', '.join(str(s) for s in range(3) if s not in have)} "
+                             f"(only seed{'s' if len(have) > 1 else ''} {', '.join(map(str, sorted(have)))})")
+        for e in ("E0", "E1", "E2", "E3", "E4", "E5", "E7"):
+            methods = {r.get("method", "") for r in T.exp(e)}
+            if any("previous default" in m for m in methods) and not any(m.startswith("lego") and "(default)" in m for m in methods):
+                extra.append(f"{T.name} {e}: LoRA-LEGO with today's default (only the earlier run's `norm_rms` rows exist)")
+        ranked = {r["method"] for r in T.exp("E1") if str(r["k"]).isdigit()}
         wider = {r["method"] for r in T.exp("E1") if r.get("wider")}
-        if wider:
-            extra.append(f"{T.name} E1 at 2r and 4r for methods other than {', '.join(sorted(wider))}")
+        if ranked - wider:
+            extra.append(f"{T.name} E1 at 2r and 4r for {', '.join(sorted(ranked - wider))}")
     if "decoder" not in run:
         extra.append("the decoder track's code (benchmarks/quality/decoder.py) was exercised only on a toy run "
                      "(2 tasks, 3 training steps, 16 items) to check that it trains, merges and scores; it has no results")

@@ -67,7 +67,8 @@ def run_track(args, track_name: str) -> None:
     steps = args.steps or (100 if track_name == "encoder" else 60)
     path = Path(args.results) / f"{track_name}.json"
     records = load_results(path)
-    for seed in range(args.seeds):
+    seeds = [int(x) for x in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
+    for seed in seeds:
         t0 = time.perf_counter()
         ctx = E.Context(track, seed, args.rank, steps, log=log, known=[r for r in records if r["track"] == track_name])
         log(f"{track_name} seed {seed}: adapters ready ({time.perf_counter() - t0:.0f}s); zero-shot test "
@@ -100,7 +101,8 @@ def run_track(args, track_name: str) -> None:
                 reuse = {(r["method"], r["k"] if isinstance(r["k"], int) else None): r for r in keep
                          if r["exp"] == "E1" and r.get("tuned") == "default" and not r.get("wider")}
                 E.e1_multitask(ctx, default, sink=sink, skip=done, tune_knobs=not args.no_tune,
-                               only=args.methods.split(",") if args.methods else None, reuse=reuse)
+                               only=split_labels(args.methods) if args.methods else None, reuse=reuse,
+                               variants=tuple(E.LEGO_VARIANTS))
                 new = []
             elif exp == "E6s":
                 new = E.e6_scale_probe(ctx, default)
@@ -113,9 +115,11 @@ def run_track(args, track_name: str) -> None:
                 new = E.e1_wider(ctx, default, records, rows=tuple(E.LEGO_VARIANTS))
             elif exp == "E6g":
                 new = E.e6_gain(ctx, default)
-            elif exp == "E1x":
-                records = store(path, records, [], dict(exp="E1", track=track_name, seed=seed, wider=True))
-                new = E.e1_wider(ctx, default, records)
+            elif exp == "E1x":  # with --methods: only those rows, the seed's other 2r and 4r rows kept
+                rows = [m for m in E.ranked_rows(default) if not args.methods or m in split_labels(args.methods)]
+                for m in rows:
+                    records = store(path, records, [], dict(exp="E1", track=track_name, seed=seed, wider=True, method=m))
+                new = E.e1_wider(ctx, default, records, rows=tuple(rows))
             elif exp == "E4":
                 lin = linear_choice(records, track_name, seed)
                 new = E.e4_heterogeneous(ctx, default, steps, lin["weights"][0] if lin else None)
@@ -133,6 +137,19 @@ def run_track(args, track_name: str) -> None:
             log(f"{track_name} seed {seed} {exp}: {time.perf_counter() - t1:.0f}s")
 
 
+def split_labels(text: str) -> list[str]:
+    """Comma-separated row labels; a comma inside parentheses belongs to the label."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return [x for x in out + [cur.strip()] if x]
+
+
 E_DECODER_TASKS = ["sms_spam", "trec", "bbc_news", "movie_sent"]
 
 
@@ -148,7 +165,8 @@ def linear_choice(records: list[dict], track: str, seed: int) -> dict | None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--track", default="encoder", choices=["encoder", "decoder", "both"])
-    p.add_argument("--seeds", type=int, default=int(os.environ.get("SEEDS", "1")))
+    p.add_argument("--seeds", type=int, default=int(os.environ.get("SEEDS", "1")), help="run training seeds 0..N-1")
+    p.add_argument("--seed-list", default="", help="comma-separated training seeds to run instead of --seeds (e.g. 1,2)")
     p.add_argument("--experiments", default="E6,E1,E0,E5,E3,E7,E2,E6s,E1x,E4",
                    help="comma-separated, run in this order (E6s: E6's scale probe; E6g: output-scale rules on E6's task sets; E1x: E1 at 2r and 4r; E1v: E1 rows of the lego variants)")
     p.add_argument("--tasks", default="", help="comma-separated task names (default: the track's)")
@@ -161,7 +179,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(HERE / "results"), help="folder of the <track>.json measurements")
     p.add_argument("--resume", action="store_true", help="E1: keep the methods already measured")
     p.add_argument("--no-tune", action="store_true", help="E1: default knobs only, no validation grid")
-    p.add_argument("--methods", default="", help="E1: comma-separated row labels to run (default: all)")
+    p.add_argument("--methods", default="", help="E1, E1x: comma-separated row labels to run (default: all)")
     p.add_argument("--smoke", action="store_true", help="2 tasks, few steps; check coarse facts and exit")
     p.add_argument("--report", action="store_true", help="only rewrite RESULTS.md and the plots")
     args = p.parse_args(argv)
