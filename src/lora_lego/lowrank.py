@@ -54,9 +54,12 @@ def apply_q(reflectors: torch.Tensor, tau: torch.Tensor, X: torch.Tensor) -> tor
 def stack_factors(factors: list[Factors], weights: list[float]) -> Factors:
     """Stack the units of every input: A = [A_1; ...; A_N], B = [w_1 B_1, ..., w_N B_N], so that
     B @ A = Σ w_i B_i A_i exactly."""
-    A = join([f.A for f in factors], dim=0)
-    B = join([f.B * w if w != 1.0 else f.B for f, w in zip(factors, weights)], dim=1)  # no copy to multiply by 1
-    return Factors(A, B)
+    return Factors(join([f.A for f in factors], dim=0), stack_b(factors, weights))
+
+
+def stack_b(factors: list[Factors], weights: list[float]) -> torch.Tensor:
+    """B = [w_1 B_1, ..., w_N B_N], the B half of ``stack_factors``."""
+    return join([f.B * w if w != 1.0 else f.B for f, w in zip(factors, weights)], dim=1)  # no copy to multiply by 1
 
 
 def join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:

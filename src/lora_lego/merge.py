@@ -15,6 +15,7 @@ from . import __version__
 from .adapter import Adapter, Factors, ModuleSpec, widest_dtype
 from .errors import LoraLegoError
 from .formats.names import check_qkv_layouts
+from .formats.tensors import largest_magnitude
 from .methods import MergeMethod, ModuleJob, get_method
 
 ProgressFn = Callable[[int, int, str], None]
@@ -276,9 +277,7 @@ MAX_ABS = 1e12  # far beyond any trained LoRA; squared distances of such values 
 def _check_magnitude(f: Factors, weight: float, label: str, name: str) -> None:
     """Refuse values so large that the float32 math (squared distances in k-means, sums) would overflow:
     finite, but only a corrupt file or an absurd alpha or weight makes them."""
-    # min and max in one pass, without the copy that abs() would make
-    peak = max((max(-float(lo), float(hi)) for lo, hi in (torch.aminmax(t) for t in (f.A, f.B) if t.numel())),
-               default=0.0) * max(1.0, abs(weight))
+    peak = max((largest_magnitude(t) for t in (f.A, f.B) if t.numel()), default=0.0) * max(1.0, abs(weight))
     if peak > MAX_ABS:
         raise LoraLegoError(f"a factor value with its scale and weight reaches {peak:.3g}, beyond the {MAX_ABS:.0e} "
                             "that merging handles in float32 (a corrupt file, or an absurd lora_alpha or weight?)",
@@ -292,8 +291,8 @@ def _stacked_within_range(stacked: tuple[torch.Tensor, torch.Tensor], weights: l
     peak = 0.0
     for t in stacked:
         if t.numel():
-            lo, hi = torch.aminmax(t)  # NaN anywhere makes both NaN
-            peak = max(peak, -float(lo), float(hi)) if not (lo.isnan() or hi.isnan()) else math.inf
+            m = largest_magnitude(t)  # NaN where t holds a NaN
+            peak = math.inf if math.isnan(m) else max(peak, m)
     return math.isfinite(peak) and peak * max([1.0] + [abs(w) for w in weights]) <= MAX_ABS
 
 

@@ -177,6 +177,13 @@ def _short(e: Exception) -> str:
     return " ".join(str(e).split())[:200] or type(e).__name__
 
 
+def largest_magnitude(t: torch.Tensor) -> float:
+    """max |t| (NaN if t holds a NaN; t not empty), from min and max in one pass, without the copy that
+    abs() would make."""
+    lo, hi = torch.aminmax(t.detach())
+    return max(-float(lo), float(hi))
+
+
 def store_dtype(tensors, wanted: torch.dtype, path: object, warn=None) -> torch.dtype:
     """``wanted``, unless a value would overflow it (fp16 holds at most 65504, float8 less): then float32,
     said on ``warn`` with the tensor that overflowed. ``tensors`` is a mapping of names to tensors, or an
@@ -188,8 +195,7 @@ def store_dtype(tensors, wanted: torch.dtype, path: object, warn=None) -> torch.
     peak, where = 0.0, None
     for name, t in items:
         if t.numel():
-            lo, hi = torch.aminmax(t.detach())  # the largest magnitude without the copy that abs() makes
-            m = max(-float(lo), float(hi))
+            m = largest_magnitude(t)
             if m > peak:
                 peak, where = m, name
     if peak <= limit:

@@ -9,6 +9,7 @@ import torch
 
 from ..adapter import Factors
 from ..kmeans import kmeans_gram
+from ..lowrank import output_rank
 from ..msu import CANONICALIZATIONS, UNIT_SPLITS, GramPool, StackedGrams, gram_pool, stacked_grams
 from . import MergeMethod, ModuleJob, Option, register
 
@@ -170,7 +171,7 @@ def lego_many(
         # "direction" clusters the balanced units' unit-length directions
         pools.append(pool)
         points.append(direction_scales(pool) if canonicalize == "direction" else (pool.sa, pool.sb))
-    ks = [rank if rank is not None else max(f.rank for f in job.factors) for job in jobs]
+    ks = [output_rank(job.factors, rank) for job in jobs]
     clusters = cluster_all([pool.gram(*pt) for pool, pt in zip(pools, points)], ks, [job.generator for job in jobs],
                            [pool.A.dtype for pool in pools], n_init, max_iter)
     out = []

@@ -8,7 +8,7 @@ import torch
 from typing import Any
 
 from ..adapter import Factors
-from ..lowrank import join, output_rank, truncate_factors
+from ..lowrank import join, output_rank, stack_b, truncate_factors
 from . import MergeMethod, register
 
 
@@ -24,8 +24,7 @@ def linear(factors: list[Factors], weights: list[float], rank: int | None = None
            prepared: tuple[Any, Any] | None = None, **_) -> Factors:
     """``prepared``: ``stacked_a_qr(factors)``, if already made."""
     A, qr_a = prepared if prepared is not None else stacked_a_qr(factors)
-    B = join([f.B * w if w != 1.0 else f.B for f, w in zip(factors, weights)], dim=1)  # as stack_factors
-    return truncate_factors(A, B, output_rank(factors, rank), qr_a=qr_a)
+    return truncate_factors(A, stack_b(factors, weights), output_rank(factors, rank), qr_a=qr_a)
 
 
 register(MergeMethod(
