@@ -198,9 +198,14 @@ def test_a_method_result_with_nan_or_inf_is_refused_and_a_large_finite_one_kept(
         out[-1] = Factors(out[-1].A, out[-1].B * float("inf"))
         return out
 
-    monkeypatch.setitem(METHODS, "lego", dataclasses.replace(lego, fn_many=poisoned))
-    with pytest.raises(LoraLegoError, match="produced NaN or Inf"):
-        merge(adapters, rank=2)
+    def poisoned_finish(centroids):  # the finish step, run in the reader thread
+        f = lego.finish(centroids)
+        return Factors(f.A * float("nan"), f.B)
+
+    for variant in (dict(fn_many=poisoned, finish=None), dict(finish=poisoned_finish)):
+        monkeypatch.setitem(METHODS, "lego", dataclasses.replace(lego, **variant))
+        with pytest.raises(LoraLegoError, match="produced NaN or Inf"):
+            merge(adapters, rank=2)
 
 
 @pytest.mark.parametrize("fmt", ["peft", "kohya"])

@@ -31,6 +31,9 @@ def main() -> None:
     p.add_argument("--no-prepare", action="store_true",
                    help="run the method's prepare step (lego: stacking and Gram products) in the main thread, "
                         "not in the reader thread, to compare")
+    p.add_argument("--prefetch", action="store_true",
+                   help="lego: compute the Grams in a forked child first (as the CLI does while it imports torch) "
+                        "and time the merge once the child is done, so that the merge uses them")
     p.add_argument("--out", type=Path, help="also torch.save the merged float32 factors here (to compare versions)")
     args, rest = p.parse_known_args()
     options = {}
@@ -62,10 +65,21 @@ def main() -> None:
     times = []
     for rep in range(args.reps):
         prof = cProfile.Profile() if args.profile and rep == args.reps - 1 else None
+        prefetched = None
+        if args.prefetch:
+            from lora_lego import prefetch
+
+            prefetched = prefetch.start([str(p) for p in inputs])
+            t = time.perf_counter()
+            while prefetched._pid and prefetched._ended is False and prefetched._done < len(prefetched.plan):
+                got = os.read(prefetched._done_fd, 65536)  # wait for the child to finish
+                prefetched._done += len(got)
+                prefetched._ended = not got
+            print(f"prefetch child {time.perf_counter() - t:.3f} s", flush=True)
         t, main_cpu, all_cpu = time.perf_counter(), time.thread_time(), time.process_time()
         if prof:
             prof.enable()
-        merged = lora_lego.merge(adapters, method=args.method, rank=16, **options)
+        merged = lora_lego.merge(adapters, method=args.method, rank=16, gram_prefetch=prefetched, **options)
         if prof:
             prof.disable()
         times.append(time.perf_counter() - t)

@@ -16,6 +16,12 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # cores, benchmarks/speed/NOTES.md). torch's own threads are not affected.
 _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+# Where this process is the `lora-lego merge` command running lego, a child process starts computing the
+# inputs' Gram products now, while torch is imported below (~1 s); see prefetch.py. Torch-free.
+from . import prefetch as _prefetch  # noqa: E402
+
+_prefetch.start_for_cli()
+
 from .adapter import Adapter, Factors, ModuleSpec  # noqa: E402
 from .errors import LoraLegoError  # noqa: E402
 from .formats import convert, load_adapter  # noqa: E402

@@ -17,6 +17,7 @@ from .errors import LoraLegoError
 from .formats.names import check_qkv_layouts
 from .formats.tensors import largest_magnitude
 from .methods import MergeMethod, ModuleJob, get_method
+from .prefetch import GramPrefetch
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -75,6 +76,7 @@ def merge(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: ProgressFn | None = None,
+    gram_prefetch: GramPrefetch | None = None,
     **options: Any,
 ) -> Adapter:
     """Merge ``adapters`` module by module with ``method`` into one adapter held in memory.
@@ -82,7 +84,19 @@ def merge(
     ``rank``: output rank per module (default: the largest input rank of that module); refused by exact
     methods. ``weights``: one number per adapter (default: the method's, 1 each or 1/N). ``seed`` fixes
     every random choice: the same inputs and seed give bit-identical output on the same device.
-    Method options (e.g. ``param_reweight="halves"``) are passed as keywords."""
+    Method options (e.g. ``param_reweight="halves"``) are passed as keywords. ``gram_prefetch``: the CLI's
+    ``prefetch.ACTIVE``, Gram products computed ahead for these inputs (used where it matches them, bit
+    for bit what the merge computes itself; closed when the merge ends)."""
+    try:
+        return _merge(adapters, method, rank, weights, seed, device, progress, gram_prefetch, options)
+    finally:
+        if gram_prefetch is not None:
+            gram_prefetch.close()
+
+
+def _merge(adapters: Sequence[Adapter], method: str, rank: int | None, weights: Sequence[float] | None, seed: int,
+           device: str | torch.device, progress: ProgressFn | None, gram_prefetch: GramPrefetch | None,
+           options: dict[str, Any]) -> Adapter:
     adapters = list(adapters)
     if not adapters:
         raise LoraLegoError("no input adapters")
@@ -104,6 +118,11 @@ def merge(
     dev = resolve_device(device)
     _check_compatible_configs(adapters)
     check_qkv_layouts(adapters)
+    if gram_prefetch is not None and not (m.prepare_takes_grams and dev.type == "cpu"
+                                          and all(a.format == "peft" and a.path is not None for a in adapters)
+                                          and gram_prefetch.matches([str(a.path) for a in adapters])):
+        gram_prefetch.close()  # computed for something else: stop the child, use nothing of it
+        gram_prefetch = None
 
     names: list[str] = []
     seen = set()
@@ -144,20 +163,35 @@ def merge(
         gen.manual_seed(module_seed(seed, name))
         return ModuleJob(factors, [weights[i] for i in holders], gen, prepared)
 
-    def merge_batch(batch: list[tuple[str, ModuleJob]]) -> None:
-        """Merge and keep the modules of ``batch``: in one ``fn_many`` call where the method has one."""
+    finishing: list[tuple[str, Future]] = []  # modules whose finish step runs in the reader thread, in order
+
+    def keep(name: str, result: Factors) -> None:
+        if not (_all_finite(result.A) and _all_finite(result.B)):
+            raise LoraLegoError(f"{m.name} produced NaN or Inf", module=name)
+        out[name] = Factors(result.A.to("cpu", torch.float32), result.B.to("cpu", torch.float32))
+        if progress is not None:
+            progress(len(out), len(names), name)
+
+    def merge_batch(batch: list[tuple[str, ModuleJob]], reader: ThreadPoolExecutor) -> None:
+        """Merge the modules of ``batch``, in one ``fn_many`` call where the method has one; keep them, or
+        queue their finish step behind the next batch's reading."""
         jobs = [j for _, j in batch]
         if m.fn_many is not None:
-            results = m.fn_many(jobs, rank, **opts)
+            results = m.fn_many(jobs, rank, **opts, **({"finish_later": True} if m.finish is not None else {}))
         else:
             results = [m.fn(j.factors, j.weights, rank, generator=j.generator, **opts,
                             **({"prepared": j.prepared} if j.prepared is not None else {})) for j in jobs]
         for (name, _), result in zip(batch, results):
-            if not (_all_finite(result.A) and _all_finite(result.B)):
-                raise LoraLegoError(f"{m.name} produced NaN or Inf", module=name)
-            out[name] = Factors(result.A.to("cpu", torch.float32), result.B.to("cpu", torch.float32))
-            if progress is not None:
-                progress(len(out), len(names), name)
+            if m.fn_many is not None and m.finish is not None:
+                finishing.append((name, reader.submit(m.finish, result)))
+            else:
+                keep(name, result)
+
+    def keep_finished(wait: bool) -> None:
+        """Keep the finished modules in order (all of them, waiting, with ``wait``)."""
+        while finishing and (wait or finishing[0][1].done()):
+            name, result = finishing.pop(0)
+            keep(name, result.result())
 
     def read_module(name: str) -> tuple[list[Factors], Any]:
         """Read and check one module's factors from every input that has it, move them to the device
@@ -187,11 +221,19 @@ def merge(
                 _check_magnitude(adapters[i].factors(name), weights[i], adapters[i].label, name)
         if dev.type != "cpu":
             factors = [f.to(dev) for f in factors]
-        return factors, (m.prepare(factors) if m.prepare is not None else None)
+        if m.prepare is None:
+            return factors, None
+        if gram_prefetch is not None and stacked is not None and len(holders) == len(adapters):
+            known = gram_prefetch.take(name, [s.rank for s in specs], specs[0].d_in, specs[0].d_out,
+                                       [s.scale for s in specs])
+            if known is not None:
+                return factors, m.prepare(factors, known=tuple(torch.from_numpy(x) for x in known))
+        return factors, m.prepare(factors)
 
     # Modules are read, checked and prepared in a helper thread (reading, converting to float32, the value
     # checks and lego's Gram products use another core; file reads and torch release the GIL) while the
-    # batch before them merges; at most two batches are held. The two threads share the caller's torch
+    # batch before them merges; a method's finish step (lego: forming the centroids) runs there too, after
+    # the next batch's reading. At most three batches' factors are held. The two threads share the caller's torch
     # threads (see ``split_threads``): each with a full team of its own, they would oversubscribe the cores.
     batches = plan_batches(names, adapters, m.fn_many is not None)
     caller_threads = torch.get_num_threads()
@@ -206,7 +248,9 @@ def merge(
             for i in range(len(batches)):
                 current = upcoming
                 upcoming = submit(batches[i + 1]) if i + 1 < len(batches) else []
-                merge_batch([(name, job(name, check_module(name), read)) for name, read in current])
+                merge_batch([(name, job(name, check_module(name), read)) for name, read in current], reader)
+                keep_finished(wait=False)
+            keep_finished(wait=True)
         finally:
             torch.set_num_threads(caller_threads)
 
@@ -263,12 +307,14 @@ def plan_batches(names: list[str], adapters: Sequence[Adapter], batched: bool) -
 
 
 def prune(adapter: Adapter, rank: int, seed: int = 0, device: str | torch.device = "cpu",
-          progress: ProgressFn | None = None, **options: Any) -> Adapter:
+          progress: ProgressFn | None = None, gram_prefetch: GramPrefetch | None = None, **options: Any) -> Adapter:
     """Reduce one adapter to rank ``rank`` by clustering its own units (LoRA-LEGO with one input)."""
     if rank is None:
+        if gram_prefetch is not None:
+            gram_prefetch.close()
         raise LoraLegoError("prune needs --rank")
     return merge([adapter], method="lego", rank=rank, weights=[1.0], seed=seed, device=device,
-                 progress=progress, **options)
+                 progress=progress, gram_prefetch=gram_prefetch, **options)
 
 
 MAX_ABS = 1e12  # far beyond any trained LoRA; squared distances of such values still fit in float32

@@ -130,14 +130,21 @@ class StackedGrams:
     B: torch.Tensor
     GA: torch.Tensor
     GB: torch.Tensor
+    sign: torch.Tensor | None = None  # sign_of_largest(A), float64 on the CPU
 
 
-def stacked_grams(factors: list[Factors]) -> StackedGrams:
+def stacked_grams(factors: list[Factors], known: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                  ) -> StackedGrams:
     """Stack the factors and multiply their Grams in the factors' dtype and device (the costly part of
-    lego: P² (d_in + d_out)); the rest of the work is on these P x P matrices, small, on the CPU."""
+    lego: P² (d_in + d_out)); the rest of the work is on these P x P matrices, small, on the CPU. Also the
+    sign of each row of A's largest entry (for the sign canonicalisation; cheap, and off the merging thread
+    when this runs as the method's prepare step). ``known``: (G_A, G_B, sign) of these very factors, already
+    computed bit for bit as here (the CLI's Gram prefetch, ``prefetch.py``): only stacked then."""
     stacked = stack_factors(factors, [1.0] * len(factors))
     A, B = stacked.A, stacked.B
-    return StackedGrams(A, B, gram64(A), gram64(B.T))
+    if known is not None:
+        return StackedGrams(A, B, *known)
+    return StackedGrams(A, B, gram64(A), gram64(B.T), sign_of_largest(A))
 
 
 def gram64(X: torch.Tensor) -> torch.Tensor:
@@ -199,7 +206,7 @@ def gram_pool(factors: list[Factors], weights: list[float], split: str = "b", ca
     if canonicalize == "none":
         return pool
     # the split's multiplier of a is >= 0, so a's largest entry and its sign are the raw row's
-    sign = sign_of_largest(A)
+    sign = st.sign if st.sign is not None else sign_of_largest(A)
     pool.sa, pool.sb = sa * sign, sb * sign
     if canonicalize == "balance":
         na, nb = pool.half_norms()

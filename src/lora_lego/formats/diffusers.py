@@ -15,7 +15,7 @@ from ..adapter import Adapter, ModuleSpec
 from ..errors import LoraLegoError
 from .detect import refuse_unsupported
 from .names import COMPONENTS, split_component
-from .peft import lora_scale, module_rank_alpha
+from ..peft_rules import lora_scale, module_rank_alpha
 from .common import factor_layout, factor_loader
 from .tensors import TensorSource, read_safetensors_metadata
 

@@ -12,17 +12,17 @@ import torch
 
 from ..adapter import Adapter, Factors, ModuleSpec
 from ..errors import LoraLegoError
+from ..peft_rules import (  # noqa: F401 (get_pattern_key, lora_scale, module_rank_alpha re-exported)
+    CONFIG_NAME, LINEAR_A_SUFFIX, LINEAR_B_SUFFIX, PREFIX, SAFETENSORS_NAME, get_pattern_key, lora_scale, module_rank_alpha,
+)
 from .tensors import TensorSource, check_finite
 
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
 
 # suffix -> (role, kind)
 _SUFFIXES = {
-    ".lora_A.weight": ("A", "linear"),
-    ".lora_B.weight": ("B", "linear"),
+    LINEAR_A_SUFFIX: ("A", "linear"),
+    LINEAR_B_SUFFIX: ("B", "linear"),
     ".lora_embedding_A": ("A", "embedding"),
     ".lora_embedding_B": ("B", "embedding"),
 }
@@ -35,15 +35,6 @@ _REFUSED = [
     ("lokr_w1", "LoKr (lokr_w1)"),
     ("lora_E", "AdaLoRA (lora_E)"),
 ]
-
-
-def get_pattern_key(pattern_keys, name: str) -> str | None:
-    """PEFT's rule for rank_pattern/alpha_pattern: the first key that matches the end of the module
-    name on a dot boundary, the key read as a regular expression."""
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return None
 
 
 def is_peft_dir(path: Path) -> bool:
@@ -105,21 +96,6 @@ def _one_line(x: object) -> str:
         return f"a {'list' if isinstance(x, list) else 'JSON object'}"
     text = " ".join(str(x if isinstance(x, Exception) else repr(x)).split())
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def module_rank_alpha(config: dict[str, Any], name: str) -> tuple[int, float]:
-    """The (r, lora_alpha) PEFT would give this module, honouring rank_pattern and alpha_pattern."""
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    r_key = get_pattern_key(rank_pattern.keys(), name)
-    a_key = get_pattern_key(alpha_pattern.keys(), name)
-    r = rank_pattern[r_key] if r_key is not None else config.get("r", 8)
-    alpha = alpha_pattern[a_key] if a_key is not None else config.get("lora_alpha", 8)
-    return int(r), float(alpha)
-
-
-def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def load_peft(path: Path) -> Adapter:

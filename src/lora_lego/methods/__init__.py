@@ -10,7 +10,8 @@ their Gram products; linear: the QR of the stacked Aᵀ) that the merge driver r
 on the merge device, beside the merge of the previous module; the result reaches ``fn`` as the keyword
 ``prepared``. ``fn`` must give the same result without it. And ``fn_many(jobs, rank, **options) ->
 list[Factors]``, several modules (``ModuleJob``s) in one call, where that is cheaper (lego batches their
-k-means); it must give each module what ``fn`` gives it.
+k-means); it must give each module what ``fn`` gives it. A method with ``fn_many`` may split off its last
+step as ``finish`` (see ``MergeMethod``), which the driver runs in the reader thread.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ class MergeMethod:
     default_weight: str = "one"  # "one": 1 each; "mean": 1/N each
     equal_ranks: bool = False  # inputs must share one rank per module
     prepare: Callable[[list[Factors]], Any] | None = None  # run in the reader thread, passed as prepared=
+    # prepare also takes known=(G_A, G_B, sign) of the stacked factors where the CLI computed them ahead
+    # (prefetch.py, bit for bit as msu.stacked_grams does)
+    prepare_takes_grams: bool = False
+    # with fn_many: called with finish_later=True, fn_many returns what finish turns into each module's
+    # Factors; the driver runs finish in its reader thread (lego: forming the centroids from the raw factors)
+    finish: Callable[[Any], Factors] | None = None
     fn_many: Callable[..., list[Factors]] | None = None  # several modules in one call
     description: str = ""
 

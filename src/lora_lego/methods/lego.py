@@ -4,6 +4,7 @@ into k clusters, make the centroids the merged LoRA of rank k, and apply the dua
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -157,13 +158,17 @@ def lego_many(
     canonicalize: str = "direction",
     n_init: int = 10,
     max_iter: int = 100,
+    finish_later: bool = False,
     **_,
-) -> list[Factors]:
+) -> list[Factors] | list[Centroids]:
     """Every step on the P x P Grams of the pool (see ``msu.GramPool``): the units and the points clustered
     are scalings of the raw factors' rows, a centroid is a combination of them (k x P coefficients Ca, Cb),
     and the centroids' and inputs' norms come from the Grams; the k merged factors are formed once, at the
     end, from the raw factors. Modules of equal pool size and k are clustered in one ``kmeans_gram`` call
-    (its per-call cost is mostly fixed); each module's result is the one it gets alone."""
+    (its per-call cost is mostly fixed); each module's result is the one it gets alone. ``finish_later``:
+    return each module's ``Centroids`` instead, for ``form_centroids`` to turn into the factors (the merge
+    driver does that in its reader thread: it reads the raw factors' every byte, the costliest step left
+    once the Grams are made)."""
     pools, points = [], []
     for job in jobs:
         pool = gram_pool(job.factors, job.weights, unit_split,
@@ -182,7 +187,8 @@ def lego_many(
         Ca, Cb = M * ma, M * mb
         fa, fb = member_rescale(pool, Ca, Cb, labels, param_reweight)
         Ca, Cb = Ca * fa[:, None], Cb * fb[:, None]
-        out.append(centroid_factors(pool, Ca, Cb * output_scale(pool, Ca, Cb, job, output_reweight)))
+        centroids = Centroids(pool, Ca, Cb * output_scale(pool, Ca, Cb, job, output_reweight))
+        out.append(centroids if finish_later else form_centroids(centroids))
     return out
 
 
@@ -213,6 +219,19 @@ def output_scale(pool: GramPool, Ca: torch.Tensor, Cb: torch.Tensor, job: Module
     return output_factor(sum(f.rank for f in factors) / len(factors), Ca.shape[0], how)
 
 
+@dataclass
+class Centroids:
+    """A module's merged factors before they are formed: A' = Ca A and B' = B Cbᵀ from the pool's raw factors."""
+
+    pool: GramPool
+    Ca: torch.Tensor
+    Cb: torch.Tensor
+
+
+def form_centroids(c: Centroids) -> Factors:
+    return centroid_factors(c.pool, c.Ca, c.Cb)
+
+
 def centroid_factors(pool: GramPool, Ca: torch.Tensor, Cb: torch.Tensor) -> Factors:
     """The merged factors A' = Ca A (k x d_in) and B' = B Cbᵀ (d_out x k), from the raw stacked factors."""
     A, B = pool.A, pool.B
@@ -225,6 +244,8 @@ register(MergeMethod(
     fn=lego,
     fn_many=lego_many,
     prepare=stacked_grams,
+    prepare_takes_grams=True,
+    finish=form_centroids,
     options=(
         Option("param_reweight", str, "joint", "rescale each centroid to the mean norm of its members: as one "
                "vector (joint), each half separately (halves); give its update the summed update norm of its members (sum); "

@@ -1,0 +1,181 @@
+"""The CLI's Gram prefetch (prefetch.py): the child's Grams and signs are bit for bit what the merge computes
+itself, so a merge that uses them writes the same bytes; anything it was not planned for is left alone."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import SHAPES, random_modules, write_peft
+
+from lora_lego import load_adapter, merge, prefetch
+from lora_lego.adapter import Factors
+from lora_lego.msu import sign_of_largest, stacked_grams
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the prefetch forks (Linux only)")
+
+
+def run_cli(*args, **env):
+    return subprocess.run([sys.executable, "-m", "lora_lego.cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **env})
+
+
+def test_float16_conversion_is_exact_for_every_finite_value():
+    bits = np.arange(2**16, dtype=np.uint16)
+    finite = np.isfinite(bits.view(np.float16))
+    out = np.empty(bits.size, np.float32)
+    prefetch._to_float32(bits.view(np.uint8), "F16", out, np.empty(bits.size, np.uint32))
+    want = bits.view(np.float16).astype(np.float32)
+    assert np.array_equal(out[finite].view(np.uint32), want[finite].view(np.uint32))  # subnormals and -0 too
+    assert prefetch._conversion_exact()
+
+
+def test_bfloat16_and_float32_conversion_match_torch():
+    t = torch.randn(64, 33) * torch.logspace(-30, 30, 33)
+    for dtype, name in ((torch.bfloat16, "BF16"), (torch.float32, "F32")):
+        raw = t.to(dtype).contiguous().view(torch.uint8).numpy().reshape(-1)
+        out = np.empty((64, 33), np.float32)
+        prefetch._to_float32(raw, name, out, np.empty(out.size, np.uint32))
+        assert np.array_equal(out.view(np.uint32), t.to(dtype).float().numpy().view(np.uint32))
+
+
+def test_sign_of_largest_matches_msu_on_ties_and_zeros():
+    A = torch.randn(40, 9)
+    A[3] = 0.0
+    A[5, 2], A[5, 7] = -4.0, 4.0  # the first of +m and -m decides: -1
+    A[6, 1], A[6, 4] = 4.0, -4.0
+    assert np.array_equal(prefetch.sign_of_largest(A.numpy()), sign_of_largest(A).numpy())
+
+
+def _adapters(tmp_path, specs):
+    """PEFT folders from (seed, dtype, config) triples, ranks 4/4/6 and a rank_pattern where asked."""
+    paths = []
+    for i, (seed, dtype, config) in enumerate(specs):
+        ranks = config.get("rank_pattern") and {n: 6 for n in SHAPES if n.endswith("down_proj")}
+        paths.append(write_peft(tmp_path / f"a{i}", random_modules(4, seed, ranks=ranks), r=4, alpha=8.0,
+                                dtype=dtype, **config))
+    return paths
+
+
+MIXED = [(0, torch.float16, {}), (1, torch.bfloat16, {"use_rslora": True}),
+         (2, torch.float32, {"lora_alpha": 3.0, "alpha_pattern": {"v_proj": 5.5}, "rank_pattern": {"down_proj": 6}})]
+
+
+def test_child_grams_are_bit_identical_to_stacked_grams(tmp_path):
+    dirs = _adapters(tmp_path, MIXED)
+    plan = prefetch.plan_modules([str(d) for d in dirs])
+    assert [m.name for m in plan] == list(SHAPES)
+    assert plan[2].ranks == (4, 4, 6)
+    results = np.zeros(plan[-1].slot + plan[-1].items)
+    prefetch.compute([str(d) for d in dirs], plan, results)
+    adapters = [load_adapter(d) for d in dirs]
+    for m in plan:
+        factors = [a.factors(m.name) for a in adapters]
+        assert list(m.scales) == [a.modules[m.name].scale for a in adapters]
+        st = stacked_grams(factors)
+        P = m.pool
+        slot = results[m.slot:m.slot + m.items]
+        assert np.array_equal(slot[:P * P].reshape(P, P), st.GA.numpy())
+        assert np.array_equal(slot[P * P:2 * P * P].reshape(P, P), st.GB.numpy())
+        assert np.array_equal(slot[2 * P * P:], st.sign.numpy())
+
+
+def test_plan_skips_what_not_every_input_has_and_respects_the_budget(tmp_path):
+    full = random_modules(4, 0)
+    a = write_peft(tmp_path / "a", full, r=4, alpha=8.0)
+    b = write_peft(tmp_path / "b", {n: f for n, f in full.items() if "v_proj" not in n}, r=4, alpha=8.0)
+    plan = prefetch.plan_modules([str(a), str(b)])
+    assert [m.name for m in plan] == ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    one = 8 * plan[0].items
+    assert [m.name for m in prefetch.plan_modules([str(a), str(b)], budget=one)] == ["model.layers.0.self_attn.q_proj"]
+    assert prefetch.plan_modules([str(a)], budget=0) == []
+
+
+@linux_only
+@pytest.mark.parametrize("case", ["used", "other inputs", "dead child"])
+def test_a_merge_with_the_prefetch_writes_the_same(tmp_path, case):
+    dirs = _adapters(tmp_path, MIXED)
+    adapters = [load_adapter(d) for d in dirs]
+    plain = merge(adapters, rank=5, seed=3)
+    # planned for two of the three inputs: not used, stopped; a dead child: whatever it finished before
+    # dying is used, the rest computed as usual
+    handle = prefetch.start(dirs[:2] if case == "other inputs" else dirs)
+    if case == "dead child":
+        os.kill(handle._pid, 9)
+    result = merge(adapters, rank=5, seed=3, gram_prefetch=handle)
+    assert handle._pid == 0  # the child stopped and reaped when the merge ended
+    assert handle.taken == {"used": len(SHAPES), "other inputs": 0}.get(case, handle.taken)
+    for name in SHAPES:
+        assert torch.equal(result.factors(name).A, plain.factors(name).A)
+        assert torch.equal(result.factors(name).B, plain.factors(name).B)
+
+
+@linux_only
+def test_cli_merge_and_prune_use_the_prefetch_and_write_the_same_bytes(tmp_path):
+    dirs = _adapters(tmp_path, MIXED)
+    outs = {}
+    for label, env in (("on", {"LORA_LEGO_PREFETCH_STATS": "1"}), ("off", {"LORA_LEGO_PREFETCH": "0"})):
+        proc = run_cli("merge", *dirs, "-o", tmp_path / f"m-{label}", "--rank", "5", "--weights", "1", "0.5", "2",
+                       "--method", "lego", "--device", "cpu", "-q", **env)
+        assert proc.returncode == 0, proc.stderr
+        outs[label] = (tmp_path / f"m-{label}" / "adapter_model.safetensors").read_bytes()
+        if label == "on":
+            assert "3 modules planned, 3 computed, 3 used" in proc.stderr
+        proc = run_cli("prune", dirs[2], "-o", tmp_path / f"p-{label}", "--rank", "2", "-q", **env)
+        assert proc.returncode == 0, proc.stderr
+        if label == "on":
+            assert "3 modules planned, 3 computed, 3 used" in proc.stderr
+    assert outs["on"] == outs["off"]
+    assert (tmp_path / "p-on" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "p-off" / "adapter_model.safetensors").read_bytes()
+
+
+@linux_only
+def test_cli_errors_are_unchanged_with_a_prefetch_running(tmp_path):
+    dirs = _adapters(tmp_path, MIXED[:2])
+    proc = run_cli("merge", *dirs, "-o", tmp_path / "m", "--rank", "0")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--rank must be" in proc.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_only_lego_merges_of_peft_folders_on_the_cpu_are_prefetched(tmp_path):
+    a, b = (str(p) for p in _adapters(tmp_path, MIXED[:2]))
+    real = [os.path.realpath(a), os.path.realpath(b)]
+    assert prefetch.lego_inputs(["merge", a, b, "-o", "out", "--rank", "4"]) == real
+    assert prefetch.lego_inputs(["merge", a, "--method", "lego", b, "--device=cpu", "--weights", "1", "2"]) == real
+    assert prefetch.lego_inputs(["prune", a, "-o", "x", "--rank", "2"]) == real[:1]
+    assert prefetch.lego_inputs(["merge", a, "-o", b]) == real[:1]  # the output is not an input
+    for args in (["merge", a, b, "--method", "linear"], ["merge", a, "--method=ties"], ["merge", a, "--device", "cuda"],
+                 ["merge", a, "--device=auto"], ["merge", "--config", "r.yaml"], ["merge", a, "--help"],
+                 ["convert", a, "-o", "x"], ["merge", "-o", "x"], []):
+        assert prefetch.lego_inputs(args) is None, args
+
+
+def test_the_prefetch_needs_no_torch():
+    # lora_lego/__init__ starts it before importing torch: prefetch.py and what it imports must not need torch
+    src = os.path.dirname(prefetch.__file__)
+    script = ("import sys, types\n"
+              "sys.modules['torch'] = None\n"  # any import of torch fails
+              f"pkg = types.ModuleType('lora_lego'); pkg.__path__ = [{src!r}]; sys.modules['lora_lego'] = pkg\n"
+              "import lora_lego.prefetch\n"
+              "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_finish_later_gives_what_lego_gives(tmp_path):
+    from lora_lego.methods import ModuleJob
+    from lora_lego.methods.lego import form_centroids, lego_many
+
+    mods = [random_modules(4, s) for s in range(3)]
+    name = "model.layers.0.self_attn.q_proj"
+    factors = [Factors(A, B) for A, B in (m[name] for m in mods)]
+
+    def jobs():
+        return [ModuleJob(factors, [1.0, 1.0, 1.0], torch.Generator().manual_seed(0))]
+
+    now = lego_many(jobs(), 5)[0]
+    later = form_centroids(lego_many(jobs(), 5, finish_later=True)[0])
+    assert torch.equal(now.A, later.A) and torch.equal(now.B, later.B)
