@@ -163,7 +163,9 @@ def _merge(adapters: Sequence[Adapter], method: str, rank: int | None, weights: 
         gen.manual_seed(module_seed(seed, name))
         return ModuleJob(factors, [weights[i] for i in holders], gen, prepared)
 
-    finishing: list[tuple[str, Future]] = []  # modules whose finish step runs in the reader thread, in order
+    # modules whose finish step is queued in the reader thread, in order: [name, future, what to finish]; the
+    # main thread takes back a step the reader has not started while it waits for the reader (see steal)
+    finishing: list[list] = []
 
     def keep(name: str, result: Factors) -> None:
         if not (_all_finite(result.A) and _all_finite(result.B)):
@@ -183,15 +185,39 @@ def _merge(adapters: Sequence[Adapter], method: str, rank: int | None, weights: 
                             **({"prepared": j.prepared} if j.prepared is not None else {})) for j in jobs]
         for (name, _), result in zip(batch, results):
             if m.fn_many is not None and m.finish is not None:
-                finishing.append((name, reader.submit(m.finish, result)))
+                finishing.append([name, reader.submit(m.finish, result), result])
             else:
                 keep(name, result)
+
+    def finish_here(entry: list) -> None:
+        """Run a queued finish step in this thread if the reader has not started it (with the reader's torch
+        thread count: the result must not depend on which thread ran it)."""
+        if entry[2] is not None and entry[1].cancel():
+            torch.set_num_threads(reader_threads)
+            try:
+                result = m.finish(entry[2])
+            finally:
+                torch.set_num_threads(main_threads)
+            entry[1] = Future()
+            entry[1].set_result(result)
+        entry[2] = None  # the reader's copy of the argument is its own
+
+    def steal(read: Future) -> None:
+        """While the reader is still reading what the next batch needs, do the finish steps queued behind it
+        here: the reader then keeps up (without the CLI's prefetched Grams, reading and multiplying them is
+        the longer of the two threads' work), and where it is the faster one it does them itself."""
+        for entry in finishing:
+            if read.done():
+                return
+            finish_here(entry)
 
     def keep_finished(wait: bool) -> None:
         """Keep the finished modules in order (all of them, waiting, with ``wait``)."""
         while finishing and (wait or finishing[0][1].done()):
-            name, result = finishing.pop(0)
-            keep(name, result.result())
+            entry = finishing.pop(0)
+            if wait:
+                finish_here(entry)
+            keep(entry[0], entry[1].result())
 
     def read_module(name: str) -> tuple[list[Factors], Any]:
         """Read and check one module's factors from every input that has it, move them to the device
@@ -232,9 +258,11 @@ def _merge(adapters: Sequence[Adapter], method: str, rank: int | None, weights: 
 
     # Modules are read, checked and prepared in a helper thread (reading, converting to float32, the value
     # checks and lego's Gram products use another core; file reads and torch release the GIL) while the
-    # batch before them merges; a method's finish step (lego: forming the centroids) runs there too, after
-    # the next batch's reading. At most three batches' factors are held. The two threads share the caller's torch
-    # threads (see ``split_threads``): each with a full team of its own, they would oversubscribe the cores.
+    # batch before them merges; a method's finish step (lego: forming the centroids) is queued there too,
+    # behind the next batch's reading, and taken back by the main thread while it waits (``steal``), so
+    # that whichever thread has time does it. At most three batches' factors are held. The two threads
+    # share the caller's torch threads (see ``split_threads``): each with a full team of its own, they
+    # would oversubscribe the cores.
     batches = plan_batches(names, adapters, m.fn_many is not None)
     caller_threads = torch.get_num_threads()
     reader_threads, main_threads = split_threads(caller_threads)
@@ -248,6 +276,8 @@ def _merge(adapters: Sequence[Adapter], method: str, rank: int | None, weights: 
             for i in range(len(batches)):
                 current = upcoming
                 upcoming = submit(batches[i + 1]) if i + 1 < len(batches) else []
+                if current:
+                    steal(current[-1][1])
                 merge_batch([(name, job(name, check_module(name), read)) for name, read in current], reader)
                 keep_finished(wait=False)
             keep_finished(wait=True)

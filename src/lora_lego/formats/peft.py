@@ -167,8 +167,8 @@ def load_peft(path: Path) -> Adapter:
         (see ``Adapter.load_into``)."""
         spec = modules[name]
         roles = keys[name]
-        A = out[0].copy_(source.get(roles["A"]).reshape(spec.rank, -1))
-        B = out[1].copy_(source.get(roles["B"]).reshape(-1, spec.rank))
+        A = source.read_into(roles["A"], out[0])
+        B = source.read_into(roles["B"], out[1])
         return Factors(A, B.mul_(spec.scale), spec.scale)  # the scale multiplied in float32, as in loader
 
     def loader(name: str) -> Factors:
