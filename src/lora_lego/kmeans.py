@@ -71,8 +71,13 @@ def gram_matrix(X: torch.Tensor, blocks: int = 4) -> torch.Tensor:
 def _zero_round_off(d: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
     """Clamp squared distances at 0 and set those within round-off of ``scale`` (|x|^2 + |c|^2) to 0."""
     d = np.maximum(d, 0.0)
-    d[d <= eps * scale] = 0.0
-    return d
+    return _zero_where_within(d, eps * scale)
+
+
+def _zero_where_within(d: np.ndarray, bound: np.ndarray) -> np.ndarray:
+    """d[d <= bound] = 0, in place, as a product with the mask: a masked assignment is ~8x slower on such
+    scattered masks (0.62 against 0.08 ms on 8 x 10 x 16 x 128), with the same values (d >= 0 here)."""
+    return np.multiply(d, ~(d <= bound), out=d)
 
 
 def _plus_plus(D: np.ndarray, u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,14 +120,21 @@ def _assign(G: np.ndarray, diag: np.ndarray, W: np.ndarray, active: np.ndarray, 
     S = np.matmul(W.reshape(m, R * k, n), G).reshape(m, R, k, n)  # S[j, i] = c_j . x_i
     cc = (S * W).sum(-1)
     scale = diag[:, None, None, :] + cc[..., None]
-    d = _zero_round_off(scale - 2.0 * S, scale, eps)
+    # _zero_round_off(scale - 2 S, scale, eps) in place: the same values with three fewer (m x R x k x n)
+    # arrays allocated (k-means was half the merging thread's time on the 8 x Llama-7B set)
+    d = np.multiply(S, -2.0)
+    d += scale
+    np.maximum(d, 0.0, out=d)
+    scale *= eps
+    _zero_where_within(d, scale)
     d[~active] = np.inf
     return d, S, cc
 
 
 def _memberships(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Membership weights (... x k x n), 1/|cluster| on each member, and the cluster sizes (... x k)."""
-    onehot = np.swapaxes(np.eye(k)[labels], -1, -2)
+    # (... x k x n) laid out as it is used (a transposed one-hot was copied again by every product with G)
+    onehot = (labels[..., None, :] == np.arange(k)[:, None]).astype(np.float64)
     counts = onehot.sum(-1)
     return onehot / np.maximum(counts, 1)[..., None], counts
 
