@@ -153,6 +153,19 @@ def test_only_lego_merges_of_peft_folders_on_the_cpu_are_prefetched(tmp_path):
         assert prefetch.lego_inputs(args) is None, args
 
 
+def test_only_the_lora_lego_command_counts_as_the_cli(monkeypatch):
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-X", "utf8", "-m", "lora_lego.cli", "merge", "a"], raising=False)
+    assert prefetch.cli_arguments() == ["merge", "a"]
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "pytest", "merge"], raising=False)
+    assert prefetch.cli_arguments() is None
+    monkeypatch.setattr(sys, "orig_argv", ["/venv/bin/python", "/venv/bin/lora-lego", "prune", "a"], raising=False)
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/lora-lego", "prune", "a"])
+    assert prefetch.cli_arguments() == ["prune", "a"]
+    monkeypatch.setattr(sys, "orig_argv", ["python", "script.py", "merge"], raising=False)
+    monkeypatch.setattr(sys, "argv", ["script.py", "merge"])
+    assert prefetch.cli_arguments() is None
+
+
 def test_the_prefetch_needs_no_torch():
     # lora_lego/__init__ starts it before importing torch: prefetch.py and what it imports must not need torch
     src = os.path.dirname(prefetch.__file__)

@@ -37,6 +37,7 @@ from .peft_rules import CONFIG_NAME, LINEAR_A_SUFFIX, LINEAR_B_SUFFIX, PREFIX, S
 # 8 x Llama-2-7B rank-16 set needs 58 MB (224 modules of 2 x 128² float64).
 BUDGET_BYTES = 256 * 2**20
 _READ_DTYPES = ("F16", "BF16", "F32")
+_PAGE_ITEMS = mmap.PAGESIZE // 8
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def plan_modules(dirs: Sequence[str], budget: int = BUDGET_BYTES) -> list[Planne
             if 8 * (used + module.items) > budget:
                 break
             plan.append(module)
-            used += module.items
+            used += -(-module.items // _PAGE_ITEMS) * _PAGE_ITEMS  # whole pages: a slot is freed once used
     return plan
 
 
@@ -228,8 +229,15 @@ class GramPrefetch:
             return None
         P = m.pool
         slot = self._results[m.slot:m.slot + m.items]
+        out = (slot[:P * P].reshape(P, P).copy(), slot[P * P:2 * P * P].reshape(P, P).copy(), slot[2 * P * P:].copy())
+        del slot
+        if hasattr(mmap, "MADV_REMOVE"):  # give the slot's memory back (both processes'): it is read once
+            try:
+                self._memory.madvise(mmap.MADV_REMOVE, 8 * m.slot, 8 * m.items)
+            except OSError:
+                pass
         self.taken += 1
-        return (slot[:P * P].reshape(P, P).copy(), slot[P * P:2 * P * P].reshape(P, P).copy(), slot[2 * P * P:].copy())
+        return out
 
     def close(self) -> None:
         """Stop the child if it still runs and free everything (idempotent)."""
@@ -315,10 +323,19 @@ def start(dirs: Sequence[str], budget: int = BUDGET_BYTES) -> GramPrefetch | Non
         return None
     if not plan or not _conversion_exact():
         return None
-    memory = mmap.mmap(-1, 8 * (plan[-1].slot + plan[-1].items))
-    done_r, done_w = os.pipe()
     parent = os.getpid()
-    pid = os.fork()
+    try:
+        memory = mmap.mmap(-1, 8 * (plan[-1].slot + plan[-1].items))
+        done_r, done_w = os.pipe()
+    except OSError:
+        return None
+    try:
+        pid = os.fork()
+    except OSError:  # no more processes or memory: the merge works as without
+        for fd in (done_r, done_w):
+            os.close(fd)
+        memory.close()
+        return None
     if pid == 0:  # the child: compute, never return into the caller's code
         code = 0
         try:
