@@ -193,14 +193,15 @@ def _merge(adapters: Sequence[Adapter], method: str, rank: int | None, weights: 
         """Run a queued finish step in this thread if the reader has not started it (with the reader's torch
         thread count: the result must not depend on which thread ran it)."""
         if entry[2] is not None and entry[1].cancel():
-            torch.set_num_threads(reader_threads)
+            if reader_threads != main_threads:
+                torch.set_num_threads(reader_threads)
             try:
                 result = m.finish(entry[2])
             finally:
                 torch.set_num_threads(main_threads)
             entry[1] = Future()
             entry[1].set_result(result)
-        entry[2] = None  # the reader's copy of the argument is its own
+        entry[2] = None  # no longer needed here (a step the reader runs holds its own reference until done)
 
     def steal(read: Future) -> None:
         """While the reader is still reading what the next batch needs, do the finish steps queued behind it

@@ -167,8 +167,8 @@ def lego_many(
     end, from the raw factors. Modules of equal pool size and k are clustered in one ``kmeans_gram`` call
     (its per-call cost is mostly fixed); each module's result is the one it gets alone. ``finish_later``:
     return each module's ``Centroids`` instead, for ``form_centroids`` to turn into the factors (the merge
-    driver does that in its reader thread: it reads the raw factors' every byte, the costliest step left
-    once the Grams are made)."""
+    driver queues that in its reader thread, and the main thread takes it back when the reader is behind:
+    it reads every byte of the raw factors, the costliest step left once the Grams are made)."""
     pools, points = [], []
     for job in jobs:
         pool = gram_pool(job.factors, job.weights, unit_split,
