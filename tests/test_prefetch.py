@@ -135,9 +135,27 @@ def test_cli_merge_and_prune_use_the_prefetch_and_write_the_same_bytes(tmp_path)
 @linux_only
 def test_cli_errors_are_unchanged_with_a_prefetch_running(tmp_path):
     dirs = _adapters(tmp_path, MIXED[:2])
-    proc = run_cli("merge", *dirs, "-o", tmp_path / "m", "--rank", "0")
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--rank must be" in proc.stderr
-    assert not (tmp_path / "m").exists()
+    bad = write_peft(tmp_path / "bad", random_modules(4, 5), r=4, alpha=8.0)
+    data = (bad / "adapter_model.safetensors").read_bytes()
+    (bad / "adapter_model.safetensors").write_bytes(data[:-7])  # truncated: the child's plan still reads
+    for args, message in (([*dirs, "--rank", "0"], "--rank must be"), ([*dirs, bad], "truncated")):
+        stderr = {}
+        for label, env in (("on", {}), ("off", {"LORA_LEGO_PREFETCH": "0"})):
+            proc = run_cli("merge", *args, "-o", tmp_path / "m", **env)
+            assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and message in proc.stderr
+            assert not (tmp_path / "m").exists()
+            stderr[label] = proc.stderr
+        assert stderr["on"] == stderr["off"]
+
+
+def test_conv_modules_are_left_to_the_merge(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    dirs = []
+    for i in range(2):
+        modules = random_modules(4, i)
+        modules["unet.conv_in"] = (torch.randn(4, 6, 1, 1, generator=g), torch.randn(5, 4, 1, 1, generator=g))
+        dirs.append(str(write_peft(tmp_path / f"c{i}", modules, r=4, alpha=8.0, dtype=torch.float16)))
+    assert [m.name for m in prefetch.plan_modules(dirs)] == list(SHAPES)
 
 
 def test_only_lego_merges_of_peft_folders_on_the_cpu_are_prefetched(tmp_path):

@@ -96,9 +96,10 @@ def plan_modules(dirs: Sequence[str], budget: int = BUDGET_BYTES) -> list[Planne
             ea, eb = header.get(PREFIX + name + LINEAR_A_SUFFIX), header.get(PREFIX + name + LINEAR_B_SUFFIX)
             if ea is None or eb is None:
                 ea, eb = header.get(name + LINEAR_A_SUFFIX), header.get(name + LINEAR_B_SUFFIX)
-            if ea is None or eb is None or ea["dtype"] not in _READ_DTYPES or eb["dtype"] not in _READ_DTYPES:
+            if ea is None or eb is None or ea["dtype"] not in _READ_DTYPES or eb["dtype"] not in _READ_DTYPES \
+                    or len(ea["shape"]) != 2 or len(eb["shape"]) != 2:  # conv LoRAs are left to the merge
                 break
-            (r, d_in), (d_out, r_b) = ea["shape"], eb["shape"]  # a ValueError unless both are 2-D
+            (r, d_in), (d_out, r_b) = ea["shape"], eb["shape"]
             r_cfg, alpha = module_rank_alpha(config, name)
             if r != r_b or r != r_cfg or min(r, d_in, d_out) < 1:
                 break
