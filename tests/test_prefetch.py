@@ -104,6 +104,8 @@ def test_a_merge_with_the_prefetch_writes_the_same(tmp_path, case):
     handle = prefetch.start(dirs[:2] if case == "other inputs" else dirs)
     if case == "dead child":
         os.kill(handle._pid, 9)
+    if case == "used":
+        assert handle.wait() == len(SHAPES)
     result = merge(adapters, rank=5, seed=3, gram_prefetch=handle)
     assert handle._pid == 0  # the child stopped and reaped when the merge ended
     assert handle.taken == {"used": len(SHAPES), "other inputs": 0}.get(case, handle.taken)

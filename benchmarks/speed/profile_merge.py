@@ -71,11 +71,8 @@ def main() -> None:
 
             prefetched = prefetch.start([str(p) for p in inputs])
             t = time.perf_counter()
-            while prefetched._pid and prefetched._ended is False and prefetched._done < len(prefetched.plan):
-                got = os.read(prefetched._done_fd, 65536)  # wait for the child to finish
-                prefetched._done += len(got)
-                prefetched._ended = not got
-            print(f"prefetch child {time.perf_counter() - t:.3f} s", flush=True)
+            done = prefetched.wait() if prefetched is not None else 0
+            print(f"prefetch child {time.perf_counter() - t:.3f} s, {done} modules", flush=True)
         t, main_cpu, all_cpu = time.perf_counter(), time.thread_time(), time.process_time()
         if prof:
             prof.enable()

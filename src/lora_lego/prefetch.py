@@ -222,10 +222,7 @@ class GramPrefetch:
         index, m = entry
         if (list(m.ranks), m.d_in, m.d_out, list(m.scales)) != (list(ranks), d_in, d_out, list(scales)):
             return None
-        while self._done <= index and not self._ended:
-            got = os.read(self._done_fd, 65536)
-            self._done += len(got)
-            self._ended = not got  # the child exited (finished, gave up or was killed)
+        self._wait_for(index + 1)
         if self._done <= index:
             return None
         P = m.pool
@@ -239,6 +236,18 @@ class GramPrefetch:
                 pass
         self.taken += 1
         return out
+
+    def wait(self) -> int:
+        """Wait for the child to finish; how many modules it computed."""
+        self._wait_for(len(self.plan))
+        return self._done
+
+    def _wait_for(self, count: int) -> None:
+        """Read the child's progress until it has computed ``count`` modules or ended."""
+        while self._done < count and not self._ended and self._pid:
+            got = os.read(self._done_fd, 65536)
+            self._done += len(got)
+            self._ended = not got  # the child exited (finished, gave up or was killed)
 
     def close(self) -> None:
         """Stop the child if it still runs and free everything (idempotent)."""
