@@ -123,8 +123,8 @@ def plan_modules(dirs: Sequence[str], budget: int = BUDGET_BYTES) -> list[Planne
 def _to_float32(raw: np.ndarray, dtype: str, out: np.ndarray, work: np.ndarray) -> None:
     """``raw`` (the file's bytes) as float32 into ``out``, exactly (every F16 and BF16 value is a float32).
     numpy's own float16 cast is ~14x slower than torch's on x86; the bit pattern is rebuilt instead:
-    F16's exponent and mantissa shifted into float32's place read as a float32 that is 2^-112 times the
-    value (subnormals included), times 2^112, then the sign."""
+    F16's exponent and mantissa shifted into float32's place, with the sign bit, read as a float32 that is
+    2^-112 times the value (subnormals included), times 2^112 (exact: a power of two)."""
     if dtype == "F32":
         np.copyto(out, raw.view(np.float32).reshape(out.shape))
         return
