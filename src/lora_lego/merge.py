@@ -7,6 +7,7 @@ import json
 import math
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -137,9 +138,12 @@ def _merge(adapters: Sequence[Adapter], method: str, rank: int | None, weights: 
     partial: dict[str, list[int]] = {}
     dtypes = set()
 
+    # the indices of the inputs that have each module (read by both threads)
+    holders_of = {name: [i for i, a in enumerate(adapters) if name in a.modules] for name in names}
+
     def check_module(name: str) -> list[int]:
         """Refuse a module the inputs disagree on; the indices of the inputs that have it."""
-        holders = [i for i, a in enumerate(adapters) if name in a.modules]
+        holders = holders_of[name]
         specs = [adapters[i].modules[name] for i in holders]
         first = specs[0]
         for i, spec in zip(holders, specs):
@@ -163,9 +167,9 @@ def _merge(adapters: Sequence[Adapter], method: str, rank: int | None, weights: 
         gen.manual_seed(module_seed(seed, name))
         return ModuleJob(factors, [weights[i] for i in holders], gen, prepared)
 
-    # modules whose finish step is queued in the reader thread, in order: [name, future, what to finish]; the
-    # main thread takes back a step the reader has not started while it waits for the reader (see steal)
-    finishing: list[list] = []
+    # modules whose finish step is queued in the reader thread, in order; the main thread takes back a step
+    # the reader has not started while it waits for the reader (see steal)
+    finishing: list[_Finishing] = []
 
     def keep(name: str, result: Factors) -> None:
         if not (_all_finite(result.A) and _all_finite(result.B)):
@@ -185,23 +189,23 @@ def _merge(adapters: Sequence[Adapter], method: str, rank: int | None, weights: 
                             **({"prepared": j.prepared} if j.prepared is not None else {})) for j in jobs]
         for (name, _), result in zip(batch, results):
             if m.fn_many is not None and m.finish is not None:
-                finishing.append([name, reader.submit(m.finish, result), result])
+                finishing.append(_Finishing(name, reader.submit(m.finish, result), result))
             else:
                 keep(name, result)
 
-    def finish_here(entry: list) -> None:
+    def finish_here(entry: _Finishing) -> None:
         """Run a queued finish step in this thread if the reader has not started it (with the reader's torch
         thread count: the result must not depend on which thread ran it)."""
-        if entry[2] is not None and entry[1].cancel():
+        if entry.unfinished is not None and entry.future.cancel():
             if reader_threads != main_threads:
                 torch.set_num_threads(reader_threads)
             try:
-                result = m.finish(entry[2])
+                result = m.finish(entry.unfinished)
             finally:
                 torch.set_num_threads(main_threads)
-            entry[1] = Future()
-            entry[1].set_result(result)
-        entry[2] = None  # no longer needed here (a step the reader runs holds its own reference until done)
+            entry.future = Future()
+            entry.future.set_result(result)
+        entry.unfinished = None  # no longer needed here (a step the reader runs holds its own reference)
 
     def steal(read: Future) -> None:
         """While the reader is still reading what the next batch needs, do the finish steps queued behind it
@@ -214,16 +218,16 @@ def _merge(adapters: Sequence[Adapter], method: str, rank: int | None, weights: 
 
     def keep_finished(wait: bool) -> None:
         """Keep the finished modules in order (all of them, waiting, with ``wait``)."""
-        while finishing and (wait or finishing[0][1].done()):
+        while finishing and (wait or finishing[0].future.done()):
             entry = finishing.pop(0)
             if wait:
                 finish_here(entry)
-            keep(entry[0], entry[1].result())
+            keep(entry.name, entry.future.result())
 
     def read_module(name: str) -> tuple[list[Factors], Any]:
         """Read and check one module's factors from every input that has it, move them to the device
         and run the method's ``prepare`` on them (in the helper thread)."""
-        holders = [i for i, a in enumerate(adapters) if name in a.modules]
+        holders = holders_of[name]
         specs = [adapters[i].modules[name] for i in holders]
         stacked = None
         if dev.type == "cpu" and len({(s.d_in, s.d_out) for s in specs}) == 1:
@@ -307,6 +311,15 @@ def _merge(adapters: Sequence[Adapter], method: str, rank: int | None, weights: 
         config=config,
         metadata={"lora_lego": json.dumps(provenance, sort_keys=True)},
     )
+
+
+@dataclass
+class _Finishing:
+    """A module whose method's finish step was queued in the reader thread."""
+
+    name: str
+    future: Future  # the step's result (replaced by a done one where the main thread ran it itself)
+    unfinished: Any  # what the step turns into the module's factors, until the step is taken or left
 
 
 def split_threads(total: int) -> tuple[int, int]:

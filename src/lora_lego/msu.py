@@ -160,6 +160,11 @@ def gram64(X: torch.Tensor) -> torch.Tensor:
     return gram_matrix(X).to("cpu", torch.float64)
 
 
+def per_unit(factors: list[Factors], values: list[float]) -> torch.Tensor:
+    """One value per input, repeated over its units (float64)."""
+    return torch.cat([torch.full((f.rank,), float(v), dtype=torch.float64) for f, v in zip(factors, values)])
+
+
 def unit_scales(factors: list[Factors], weights: list[float], split: str = "b") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-unit multipliers of the raw (a_i, b_i) that ``units_from_factors`` applies (float64)."""
     sa, sb = [], []
@@ -173,9 +178,9 @@ def unit_scales(factors: list[Factors], weights: list[float], split: str = "b") 
             ca, cb = root, (1.0 if c >= 0 else -1.0) * root / s
         else:
             raise ValueError(f"unknown unit split {split!r}; expected one of {UNIT_SPLITS}")
-        sa.append(torch.full((f.rank,), ca, dtype=torch.float64))
-        sb.append(torch.full((f.rank,), cb, dtype=torch.float64))
-    return torch.cat(sa), torch.cat(sb)
+        sa.append(ca)
+        sb.append(cb)
+    return per_unit(factors, sa), per_unit(factors, sb)
 
 
 def sign_of_largest(A: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,13 @@ class PlannedModule:
     def items(self) -> int:
         return 2 * self.pool * self.pool + self.pool
 
+    def slot_views(self, results: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Its G_A (P x P), G_B (P x P) and row signs (P) in the shared results, where the child writes them
+        and the parent reads them."""
+        P = self.pool
+        slot = results[self.slot:self.slot + self.items]
+        return slot[:P * P].reshape(P, P), slot[P * P:2 * P * P].reshape(P, P), slot[2 * P * P:]
+
 
 def _header(path: str) -> tuple[int, dict]:
     """(offset of the data section, the header's tensors) of a safetensors file; trusted only as far as the
@@ -186,10 +193,10 @@ def compute(dirs: Sequence[str], plan: Sequence[PlannedModule], results: np.ndar
             np.multiply(B[:, row:row + r], np.float32(scale), out=B[:, row:row + r])
             row += r
         x = B.T  # the strides msu.gram64 sees for B.T of a C-ordered torch (d_out, P): the same BLAS call
-        slot = results[m.slot:m.slot + m.items]
-        slot[:P * P] = (A @ A.T).reshape(-1)
-        slot[P * P:2 * P * P] = (x @ x.T).reshape(-1)
-        slot[2 * P * P:] = sign_of_largest(A)
+        ga, gb, sign = m.slot_views(results)
+        ga[...] = A @ A.T
+        gb[...] = x @ x.T
+        sign[...] = sign_of_largest(A)
         if done_fd is not None:
             os.write(done_fd, b"\x01")
 
@@ -225,10 +232,7 @@ class GramPrefetch:
         self._wait_for(index + 1)
         if self._done <= index:
             return None
-        P = m.pool
-        slot = self._results[m.slot:m.slot + m.items]
-        out = (slot[:P * P].reshape(P, P).copy(), slot[P * P:2 * P * P].reshape(P, P).copy(), slot[2 * P * P:].copy())
-        del slot
+        out = tuple(view.copy() for view in m.slot_views(self._results))
         if hasattr(mmap, "MADV_REMOVE"):  # give the slot's memory back (both processes'): it is read once
             try:
                 self._memory.madvise(mmap.MADV_REMOVE, 8 * m.slot, 8 * m.items)

@@ -11,7 +11,7 @@ import torch
 from ..adapter import Factors
 from ..kmeans import kmeans_gram
 from ..lowrank import output_rank
-from ..msu import CANONICALIZATIONS, UNIT_SPLITS, GramPool, StackedGrams, gram_pool, stacked_grams
+from ..msu import CANONICALIZATIONS, UNIT_SPLITS, GramPool, StackedGrams, gram_pool, per_unit, stacked_grams
 from . import MergeMethod, ModuleJob, Option, register
 
 PARAM_REWEIGHTS = ("joint", "halves", "sum", "none")
@@ -106,11 +106,6 @@ def target_norm(factors: list[Factors], weights: list[float], how: str) -> float
     """``norm_target`` of the inputs themselves (their Grams multiplied in their own dtype)."""
     st = stacked_grams(factors)
     return norm_target(st.GA, st.GB, per_unit(factors, weights), [f.rank for f in factors], how)
-
-
-def per_unit(factors: list[Factors], values: list[float]) -> torch.Tensor:
-    """One value per input, repeated over its units (float64)."""
-    return torch.cat([torch.full((f.rank,), float(v), dtype=torch.float64) for f, v in zip(factors, values)])
 
 
 def output_factor(mean_rank: float, k: int, how: str) -> float:
