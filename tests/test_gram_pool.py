@@ -22,21 +22,23 @@ def test_scaled_raw_factors_are_the_pooled_units(split, how):
     w = [0.7, -1.6]
     X, d_in = pool_units(fs, w, split, how)
     pool = gram_pool(fs, w, split, how)
-    units = torch.cat([pool.sa[:, None] * pool.A, (pool.B * pool.sb).T], dim=1)
+    sa, sb = torch.from_numpy(pool.sa), torch.from_numpy(pool.sb)
+    units = torch.cat([sa[:, None] * pool.A, (pool.B * sb).T], dim=1)
     assert torch.allclose(units, X, rtol=1e-12, atol=1e-12)
-    assert torch.allclose(pool.gram(), X @ X.T, rtol=1e-12, atol=1e-12)
-    na, nb = pool.half_norms()
+    assert torch.allclose(torch.from_numpy(pool.gram()), X @ X.T, rtol=1e-12, atol=1e-12)
+    na, nb = (torch.from_numpy(x) for x in pool.half_norms())
     assert torch.allclose(na, X[:, :d_in].norm(dim=1)) and torch.allclose(nb, X[:, d_in:].norm(dim=1))
 
 
 def test_grams_are_multiplied_in_the_factors_dtype():
     f = rand_factors(4, dtype=torch.float32)
     pool = gram_pool([f, f], [1.0, 1.0])
-    assert pool.GA.dtype == torch.float64
+    GA, GB = torch.from_numpy(pool.GA), torch.from_numpy(pool.GB)
+    assert GA.dtype == torch.float64
     # float32 products (numpy's BLAS on the CPU, see msu.gram64), each value a float32 one
-    assert torch.equal(pool.GA[:4, :4], torch.from_numpy(f.A.numpy() @ f.A.numpy().T).double())
-    assert torch.equal(pool.GA, pool.GA.float().double()) and torch.equal(pool.GB, pool.GB.float().double())
-    assert torch.allclose(pool.GB[:4, :4], (f.B.T.double() @ f.B.double()), rtol=1e-5, atol=1e-6)
+    assert torch.equal(GA[:4, :4], torch.from_numpy(f.A.numpy() @ f.A.numpy().T).double())
+    assert torch.equal(GA, GA.float().double()) and torch.equal(GB, GB.float().double())
+    assert torch.allclose(GB[:4, :4], (f.B.T.double() @ f.B.double()), rtol=1e-5, atol=1e-6)
 
 
 def test_sign_of_largest_matches_canonicalisation_including_ties():

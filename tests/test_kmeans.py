@@ -126,7 +126,7 @@ def test_batched_modules_give_the_same_result_as_one_at_a_time():
 def test_an_empty_cluster_is_reseeded_with_the_point_farthest_from_its_centre():
     import numpy as np
 
-    from lora_lego.kmeans import _lloyd
+    from lora_lego.kmeans_core import _lloyd
 
     X = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [5.0, 0.0], [5.1, 0.0], [9.0, 0.0]], dtype=torch.float64)
     G = gram_matrix(X).numpy()[None]

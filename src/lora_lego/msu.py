@@ -14,10 +14,9 @@ import torch
 
 from .adapter import Factors
 from .kmeans import gram_matrix
+from .lego_core import CANONICALIZATIONS, UNIT_SPLITS, GramPool, pool_from_grams, unit_scales
 from .lowrank import stack_factors
 
-UNIT_SPLITS = ("b", "sqrt")
-CANONICALIZATIONS = ("none", "sign", "balance")
 
 
 def units_from_factors(f: Factors, weight: float = 1.0, split: str = "b") -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,37 +87,7 @@ def factors_from_units(X: torch.Tensor, d_in: int) -> Factors:
     return Factors(X[:, :d_in].contiguous(), X[:, d_in:].T.contiguous())
 
 
-# -- the same pool in Gram space ---------------------------------------------------------------------------
-# Every unit above is the raw row a_i of the stacked A and column b_i of the stacked B, each multiplied by a
-# number: the split's weight and scale, a sign, the balancing ratio, a direction's 1/length. So a pool is
-# (A, B) with two per-unit scalings (sa, sb), and every inner product between units, centroids or updates
-# comes from the two P x P Grams G_A = A Aᵀ and G_B = Bᵀ B: <u_i, u_j> = sa_i sa_j G_A,ij + sb_i sb_j G_B,ij.
-# lego does all its work on those (P = Σ r_i, a few hundred) and touches the d-wide factors only twice:
-# for the two Gram products, and to form the k centroids at the end.
-
-
-@dataclass
-class GramPool:
-    """One module's pooled units: unit i is (sa_i a_i, sb_i b_i) with a_i row i of ``A`` (P x d_in) and b_i
-    column i of ``B`` (d_out x P), the inputs' raw factors stacked; ``GA`` = A Aᵀ and ``GB`` = Bᵀ B, and the
-    scalings, are float64 on the CPU."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    GA: torch.Tensor
-    GB: torch.Tensor
-    sa: torch.Tensor
-    sb: torch.Tensor
-
-    def half_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """|sa_i a_i| and |sb_i b_i| for every unit."""
-        return self.sa.abs() * self.GA.diagonal().clamp_min(0).sqrt(), self.sb.abs() * self.GB.diagonal().clamp_min(0).sqrt()
-
-    def gram(self, sa: torch.Tensor | None = None, sb: torch.Tensor | None = None) -> torch.Tensor:
-        """Inner products of the units [sa_i a_i ; sb_i b_i] (default: the pool's own scalings)."""
-        sa = self.sa if sa is None else sa
-        sb = self.sb if sb is None else sb
-        return torch.outer(sa, sa) * self.GA + torch.outer(sb, sb) * self.GB
+# -- the same pool in Gram space: see lego_core.py ------------------------------------------------------
 
 
 @dataclass
@@ -160,29 +129,6 @@ def gram64(X: torch.Tensor) -> torch.Tensor:
     return gram_matrix(X).to("cpu", torch.float64)
 
 
-def per_unit(factors: list[Factors], values: list[float]) -> torch.Tensor:
-    """One value per input, repeated over its units (float64)."""
-    return torch.cat([torch.full((f.rank,), float(v), dtype=torch.float64) for f, v in zip(factors, values)])
-
-
-def unit_scales(factors: list[Factors], weights: list[float], split: str = "b") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-unit multipliers of the raw (a_i, b_i) that ``units_from_factors`` applies (float64)."""
-    sa, sb = [], []
-    for f, w in zip(factors, weights):
-        if split == "b":
-            ca, cb = 1.0, w
-        elif split == "sqrt":
-            s = f.scale if f.scale != 0 else 1.0
-            c = w * s
-            root = math.sqrt(abs(c))
-            ca, cb = root, (1.0 if c >= 0 else -1.0) * root / s
-        else:
-            raise ValueError(f"unknown unit split {split!r}; expected one of {UNIT_SPLITS}")
-        sa.append(ca)
-        sb.append(cb)
-    return per_unit(factors, sa), per_unit(factors, sb)
-
-
 def sign_of_largest(A: torch.Tensor) -> torch.Tensor:
     """The sign (+1 for 0) of each row's largest-magnitude entry, the first one where several tie, as
     ``canonicalize_units`` takes it; float64 on the CPU."""
@@ -199,23 +145,14 @@ def sign_of_largest(A: torch.Tensor) -> torch.Tensor:
 
 def gram_pool(factors: list[Factors], weights: list[float], split: str = "b", canonicalize: str = "none",
               stacked: StackedGrams | None = None) -> GramPool:
-    """The pool of ``pool_units`` in Gram space: the same units (to the rounding of the Gram products), with
-    the canonicalisation applied as scalings: a sign flip of both halves, then (balance) |a| = |b|.
+    """The pool of ``pool_units`` in Gram space (lego_core.GramPool, with the stacked raw factors as A and B):
+    the same units (to the rounding of the Gram products), with the canonicalisation applied as scalings.
     ``stacked``: ``stacked_grams(factors)`` if already made."""
     if canonicalize not in CANONICALIZATIONS:
         raise ValueError(f"unknown canonicalisation {canonicalize!r}; expected one of {CANONICALIZATIONS}")
     st = stacked if stacked is not None else stacked_grams(factors)
-    A, B, GA, GB = st.A, st.B, st.GA, st.GB
-    sa, sb = unit_scales(factors, weights, split)
-    pool = GramPool(A, B, GA, GB, sa, sb)
-    if canonicalize == "none":
-        return pool
-    # the split's multiplier of a is >= 0, so a's largest entry and its sign are the raw row's
-    sign = st.sign if st.sign is not None else sign_of_largest(A)
-    pool.sa, pool.sb = sa * sign, sb * sign
-    if canonicalize == "balance":
-        na, nb = pool.half_norms()
-        ok = (na > 0) & (nb > 0)
-        ratio = torch.where(ok, (nb / torch.where(ok, na, 1.0)).sqrt(), 1.0)
-        pool.sa, pool.sb = pool.sa * ratio, pool.sb / ratio
+    sign = st.sign if st.sign is not None or canonicalize == "none" else sign_of_largest(st.A)
+    sa, sb = unit_scales([f.rank for f in factors], [f.scale for f in factors], weights, split)
+    pool = pool_from_grams(st.GA.numpy(), st.GB.numpy(), None if sign is None else sign.numpy(), sa, sb, canonicalize)
+    pool.A, pool.B = st.A, st.B
     return pool

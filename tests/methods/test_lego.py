@@ -15,7 +15,7 @@ def rescaled_centers(X: torch.Tensor, labels: torch.Tensor, d_in: int, how: str)
     M = torch.zeros(k, X.shape[0], dtype=torch.float64)
     M[labels, torch.arange(X.shape[0])] = 1.0
     M /= M.sum(1, keepdim=True)
-    fa, fb = member_rescale(pool, M, M, labels, how)
+    fa, fb = (torch.from_numpy(f) for f in member_rescale(pool, M.numpy(), M.numpy(), labels.numpy(), how))
     C = M @ X.double()
     return torch.cat([C[:, :d_in] * fa[:, None], C[:, d_in:] * fb[:, None]], dim=1).float()
 

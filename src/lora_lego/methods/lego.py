@@ -3,130 +3,18 @@ into k clusters, make the centroids the merged LoRA of rank k, and apply the dua
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..adapter import Factors
-from ..kmeans import kmeans_gram
+from ..lego_core import (LEGO_CANONICALIZATIONS, OUTPUT_REWEIGHTS, PARAM_REWEIGHTS, UNIT_SPLITS, GramPool, PoolJob,  # noqa: F401
+                         centroid_products, direction_scales, lego_coefficients, lego_pool, member_rescale, norm_rule,
+                         norm_target, output_factor, per_unit, update_norm_sq)
 from ..lowrank import output_rank
-from ..msu import CANONICALIZATIONS, UNIT_SPLITS, GramPool, StackedGrams, gram_pool, per_unit, stacked_grams
+from ..msu import StackedGrams, sign_of_largest, stacked_grams
 from . import MergeMethod, ModuleJob, Option, register
-
-PARAM_REWEIGHTS = ("joint", "halves", "sum", "none")
-OUTPUT_REWEIGHTS = ("sqrt", "linear", "none", "norm_mean", "norm_rms", "norm_sum", "norm_gain", "norm_geo")
-# "direction" is not a canonicalisation of the pool (it changes units' lengths): it clusters the
-# balanced units' directions, and the centroids then take their magnitude from param_reweight
-LEGO_CANONICALIZATIONS = CANONICALIZATIONS + ("direction",)
-
-
-def member_rescale(pool: GramPool, Ca: torch.Tensor, Cb: torch.Tensor, labels: torch.Tensor,
-                   how: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Against norm decay (averaging unit vectors that point apart shrinks them): the factors (fa, fb) by
-    which to multiply each centroid's a and b halves so that it has the mean norm of its members, as one
-    vector ("joint") or each half on its own ("halves"); "sum" instead gives each centroid's rank-1 update
-    |ā| |b̄| the summed update magnitude Σ |a_i| |b_i| of its members (both halves scaled alike): a cluster
-    of m units carries m units' worth. Centroid j's halves are Σ_i Ca_ji a_i and Σ_i Cb_ji b_i, so their
-    norms come from the Grams: |ā_j|² = (Ca G_A Caᵀ)_jj. A centroid of norm 0 gets factor 0."""
-    k = Ca.shape[0]
-    ones = torch.ones(k, dtype=torch.float64)
-    if how == "none":
-        return ones, ones
-    if how not in PARAM_REWEIGHTS:
-        raise ValueError(f"unknown parameter reweighting {how!r}; expected one of {PARAM_REWEIGHTS}")
-    na, nb = pool.half_norms()  # the members' |a_i|, |b_i| (of the pooled units, not directions)
-    have_a2 = ((Ca @ pool.GA) * Ca).sum(1).clamp_min(0)
-    have_b2 = ((Cb @ pool.GB) * Cb).sum(1).clamp_min(0)
-    counts = torch.bincount(labels, minlength=k).clamp_min(1).to(torch.float64)
-
-    def per_cluster(values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(k, dtype=torch.float64).index_add_(0, labels, values)
-
-    def ratio(want: torch.Tensor, have: torch.Tensor) -> torch.Tensor:
-        return torch.where(have > 0, want / torch.where(have > 0, have, ones), 0.0)
-
-    if how == "sum":
-        f = ratio(per_cluster(na * nb), have_a2.sqrt() * have_b2.sqrt()).sqrt()
-        return f, f
-    if how == "joint":
-        f = ratio(per_cluster((na * na + nb * nb).sqrt()) / counts, (have_a2 + have_b2).sqrt())
-        return f, f
-    return ratio(per_cluster(na) / counts, have_a2.sqrt()), ratio(per_cluster(nb) / counts, have_b2.sqrt())
-
-
-def update_norm_sq(GA: torch.Tensor, GB: torch.Tensor, Ca: torch.Tensor, Cb: torch.Tensor) -> float:
-    """||B' A'||_F² for A' = Ca A and B' = B Cbᵀ: the sum of (B'ᵀB') ∘ (A'A'ᵀ), both k x k, from the Grams."""
-    return max(float(((Cb @ GB @ Cb.T) * (Ca @ GA @ Ca.T)).sum()), 0.0)
-
-
-def norm_target(GA: torch.Tensor, GB: torch.Tensor, unit_weights: torch.Tensor, ranks: list[int], how: str) -> float:
-    """The Frobenius norm a merged update is scaled to by the "norm_*" output reweightings, computed from
-    the inputs alone: of the weighted mean Σ w_j ΔW_j / N ("norm_mean"), of the sum Σ w_j ΔW_j
-    ("norm_sum"), or the root mean square of the inputs' own norms sqrt(Σ ||w_j ΔW_j||² / N)
-    ("norm_rms": a typical input's strength, whatever the overlap between inputs).
-
-    "norm_gain" is rms² / ||mean||: the rms when the inputs are one and the same update, growing to
-    rms·sqrt(N) (the norm of the sum) as they become orthogonal, so the scale follows how little the
-    inputs overlap. ||mean|| is floored at rms / sqrt(N), its value for orthogonal inputs, so that
-    inputs which cancel (negative overlap) cannot blow the scale up: the target is at most rms·sqrt(N).
-    "norm_geo" is the geometric mean of the two, sqrt(rms · gain).
-
-    From the Grams of the stacked raw factors (float64, P x P), ``unit_weights`` the weight of each unit's
-    input: ||Σ w_j B_j A_j||² is the sum of (w wᵀ ∘ BᵀB) ∘ (A Aᵀ), and input j's ||w_j ΔW_j||² the sum of
-    its diagonal block (``ranks`` give the blocks)."""
-    products = torch.outer(unit_weights, unit_weights) * GB * GA
-    edges = [0]
-    for r in ranks:
-        edges.append(edges[-1] + r)
-    own = [float(products[lo:hi, lo:hi].sum()) for lo, hi in zip(edges, edges[1:])]
-    return norm_rule(own, float(products.sum()), how)
-
-
-def norm_rule(own_sq: list[float], total_sq: float, how: str) -> float:
-    """``norm_target`` from the inputs' squared norms ||w_j ΔW_j||² and that of their sum ||Σ w_j ΔW_j||²."""
-    n = len(own_sq)
-    rms = math.sqrt(sum(max(x, 0.0) for x in own_sq) / n)
-    if how == "norm_rms":
-        return rms
-    total = math.sqrt(max(total_sq, 0.0))
-    if how == "norm_sum":
-        return total
-    if how == "norm_mean":
-        return total / n
-    if how in ("norm_gain", "norm_geo"):
-        if rms == 0.0:
-            return 0.0
-        gain = rms * rms / max(total / n, rms / math.sqrt(n))
-        return gain if how == "norm_gain" else math.sqrt(rms * gain)
-    raise ValueError(f"unknown norm target {how!r}")
-
-
-def target_norm(factors: list[Factors], weights: list[float], how: str) -> float:
-    """``norm_target`` of the inputs themselves (their Grams multiplied in their own dtype)."""
-    st = stacked_grams(factors)
-    return norm_target(st.GA, st.GB, per_unit(factors, weights), [f.rank for f in factors], how)
-
-
-def output_factor(mean_rank: float, k: int, how: str) -> float:
-    """Against variance expansion: the merged update is multiplied by sqrt(r/k) ("sqrt"), r/k ("linear")
-    or 1 ("none"), r the mean input rank of the module, k the clusters formed. (The "norm_*" choices
-    are handled in ``lego``: they need the inputs.)"""
-    if how == "none" or how.startswith("norm_"):
-        return 1.0
-    if how == "sqrt":
-        return math.sqrt(mean_rank / k)
-    if how == "linear":
-        return mean_rank / k
-    raise ValueError(f"unknown output reweighting {how!r}; expected one of {OUTPUT_REWEIGHTS}")
-
-
-def direction_scales(pool: GramPool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scalings that make every unit of unit length (zero units stay zero): the points "direction" clusters."""
-    na, nb = pool.half_norms()
-    norm = (na * na + nb * nb).sqrt()
-    norm = torch.where(norm > 0, norm, 1.0)
-    return pool.sa / norm, pool.sb / norm
 
 
 def lego(
@@ -164,54 +52,36 @@ def lego_many(
     return each module's ``Centroids`` instead, for ``form_centroids`` to turn into the factors (the merge
     driver queues that in its reader thread, and the main thread takes it back when the reader is behind:
     it reads every byte of the raw factors, the costliest step left once the Grams are made)."""
-    pools, points = [], []
+    pool_jobs = []
     for job in jobs:
-        pool = gram_pool(job.factors, job.weights, unit_split,
-                         "balance" if canonicalize == "direction" else canonicalize, stacked=job.prepared)
-        # "direction" clusters the balanced units' unit-length directions
-        pools.append(pool)
-        points.append(direction_scales(pool) if canonicalize == "direction" else (pool.sa, pool.sb))
-    ks = [output_rank(job.factors, rank) for job in jobs]
-    clusters = cluster_all([pool.gram(*pt) for pool, pt in zip(pools, points)], ks, [job.generator for job in jobs],
-                           [pool.A.dtype for pool in pools], n_init, max_iter)
+        st = job.prepared if job.prepared is not None else stacked_grams(job.factors)
+        ranks = [f.rank for f in job.factors]
+        sign = st.sign if st.sign is not None else sign_of_largest(st.A)
+        pool = lego_pool(st.GA.numpy(), st.GB.numpy(), sign.numpy(), ranks, [f.scale for f in job.factors],
+                         job.weights, unit_split, canonicalize)
+        pool.A, pool.B = st.A, st.B
+        pool_jobs.append(PoolJob(pool, ranks, job.weights, output_rank(job.factors, rank), _uniforms(job.generator),
+                                 torch.finfo(st.A.dtype).eps))
+    coefficients = lego_coefficients(pool_jobs, param_reweight=param_reweight, output_reweight=output_reweight,
+                                     canonicalize=canonicalize, n_init=n_init, max_iter=max_iter)
     out = []
-    for job, pool, (ca, cb), (M, labels) in zip(jobs, pools, points, clusters):
-        # centroids average the points clustered, their length then set by param_reweight; with "direction"
-        # and param_reweight=none, the plain mean of the members' units (direction only groups them)
-        ma, mb = (ca, cb) if param_reweight != "none" else (pool.sa, pool.sb)
-        Ca, Cb = M * ma, M * mb
-        fa, fb = member_rescale(pool, Ca, Cb, labels, param_reweight)
-        Ca, Cb = Ca * fa[:, None], Cb * fb[:, None]
-        centroids = Centroids(pool, Ca, Cb * output_scale(pool, Ca, Cb, job, output_reweight))
+    for pj, (Ca, Cb) in zip(pool_jobs, coefficients):
+        centroids = Centroids(pj.pool, Ca, Cb)
         out.append(centroids if finish_later else form_centroids(centroids))
     return out
 
 
-def cluster_all(grams: list[torch.Tensor], ks: list[int], generators: list[torch.Generator],
-                precisions: list[torch.dtype], n_init: int, max_iter: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """k-means of the points behind each Gram matrix, those of one size, k and precision in one batch: per
-    module the membership-mean matrix M (k_formed x P, 1/|cluster| on each member, so centroid j is
-    Σ_i M_ji x_i) and the labels."""
-    groups: dict[tuple, list[int]] = {}
-    for i, (G, k, p) in enumerate(zip(grams, ks, precisions)):
-        groups.setdefault((G.shape[0], k, p), []).append(i)
-    out: list = [None] * len(grams)
-    for (_, k, precision), idx in groups.items():
-        results = kmeans_gram(torch.stack([grams[i] for i in idx]), k, generators=[generators[i] for i in idx],
-                              n_init=n_init, max_iter=max_iter, precision=precision)
-        for i, res in zip(idx, results):
-            out[i] = (res.weights, res.labels)
-    return out
+def _uniforms(generator: torch.Generator):
+    """The module's draws for k-means: from its own generator, float64 (the CLI's prefetch child draws the
+    same numbers from the seed with torch_random, before torch is imported)."""
+    return lambda shape: torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float64).cpu().numpy()
 
 
-def output_scale(pool: GramPool, Ca: torch.Tensor, Cb: torch.Tensor, job: ModuleJob, how: str) -> float:
-    """The output reweighting's factor of the merged update B' A' (A' = Ca A, B' = B Cbᵀ)."""
-    factors, weights = job.factors, job.weights
-    if how.startswith("norm_"):
-        want = norm_target(pool.GA, pool.GB, per_unit(factors, weights), [f.rank for f in factors], how)
-        have = math.sqrt(update_norm_sq(pool.GA, pool.GB, Ca, Cb))
-        return want / have if have > 0 else 0.0
-    return output_factor(sum(f.rank for f in factors) / len(factors), Ca.shape[0], how)
+def target_norm(factors: list[Factors], weights: list[float], how: str) -> float:
+    """``norm_target`` of the inputs themselves (their Grams multiplied in their own dtype)."""
+    st = stacked_grams(factors)
+    ranks = [f.rank for f in factors]
+    return norm_target(st.GA, st.GB, per_unit(ranks, weights), ranks, how)
 
 
 @dataclass
@@ -219,17 +89,22 @@ class Centroids:
     """A module's merged factors before they are formed: A' = Ca A and B' = B Cbᵀ from the pool's raw factors."""
 
     pool: GramPool
-    Ca: torch.Tensor
-    Cb: torch.Tensor
+    Ca: np.ndarray  # k x P, float64
+    Cb: np.ndarray
 
 
 def form_centroids(c: Centroids) -> Factors:
     return centroid_factors(c.pool, c.Ca, c.Cb)
 
 
-def centroid_factors(pool: GramPool, Ca: torch.Tensor, Cb: torch.Tensor) -> Factors:
-    """The merged factors A' = Ca A (k x d_in) and B' = B Cbᵀ (d_out x k), from the raw stacked factors."""
+def centroid_factors(pool: GramPool, Ca: np.ndarray, Cb: np.ndarray) -> Factors:
+    """The merged factors A' = Ca A (k x d_in) and B' = B Cbᵀ (d_out x k), from the raw stacked factors: on
+    the CPU with numpy's product, as the CLI's prefetch child forms them (lego_core.centroid_products)."""
     A, B = pool.A, pool.B
+    if A.device.type == "cpu" and B.device.type == "cpu":
+        a, b = centroid_products(Ca, Cb, A.numpy(), B.numpy())
+        return Factors(torch.from_numpy(a), torch.from_numpy(b))
+    Ca, Cb = torch.from_numpy(Ca), torch.from_numpy(Cb)
     return Factors(Ca.to(A.device, A.dtype) @ A, B @ Cb.T.to(B.device, B.dtype))
 
 
