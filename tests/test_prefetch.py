@@ -1,5 +1,6 @@
-"""The CLI's Gram prefetch (prefetch.py): the child's Grams and signs are bit for bit what the merge computes
-itself, so a merge that uses them writes the same bytes; anything it was not planned for is left alone."""
+"""The CLI's prefetch (prefetch.py): the workers' Grams, signs and merged factors are bit for bit what the
+merge computes itself, so a merge that uses them writes the same bytes; anything they were not planned for
+(other inputs, other settings) is left alone."""
 
 import os
 import subprocess
@@ -41,6 +42,26 @@ def test_bfloat16_and_float32_conversion_match_torch():
         assert np.array_equal(out.view(np.uint32), t.to(dtype).float().numpy().view(np.uint32))
 
 
+@pytest.mark.parametrize("scale", [0.5, 2.0, 0.3, 1 / 3, 1e-30, 7.77e4])
+def test_conversion_times_scale_rounds_once_as_torch_does(scale):
+    # the scale folded into the conversion's last product (F16: 2^112 * scale; beyond 2^16 in two steps) gives
+    # what the merge's reader computes: the float32 value times float32(scale), rounded once
+    bits = np.arange(2**16, dtype=np.uint16)
+    finite = np.isfinite(bits.view(np.float16))
+    want = (torch.from_numpy(bits.view(np.float16).astype(np.float32)) * scale).numpy()
+    cases = [("F16", bits.view(np.uint8), want)]
+    t = torch.randn(64, 33) * torch.logspace(-30, 30, 33)
+    for dtype, name in ((torch.bfloat16, "BF16"), (torch.float32, "F32")):
+        cases.append((name, t.to(dtype).contiguous().view(torch.uint8).numpy().reshape(-1),
+                      (t.to(dtype).float() * scale).numpy().reshape(-1)))
+    for name, raw, expected in cases:
+        out = np.empty(expected.size, np.float32)
+        with np.errstate(over="ignore"):
+            prefetch._to_float32(raw, name, out, np.empty(out.size, np.uint32), scale)
+        keep = finite if name == "F16" else slice(None)
+        assert np.array_equal(out[keep].view(np.uint32), expected[keep].view(np.uint32)), name
+
+
 def test_sign_of_largest_matches_msu_on_ties_and_zeros():
     A = torch.randn(40, 9)
     A[3] = 0.0
@@ -75,11 +96,9 @@ def test_child_grams_are_bit_identical_to_stacked_grams(tmp_path):
         factors = [a.factors(m.name) for a in adapters]
         assert list(m.scales) == [a.modules[m.name].scale for a in adapters]
         st = stacked_grams(factors)
-        P = m.pool
-        slot = results[m.slot:m.slot + m.items]
-        assert np.array_equal(slot[:P * P].reshape(P, P), st.GA.numpy())
-        assert np.array_equal(slot[P * P:2 * P * P].reshape(P, P), st.GB.numpy())
-        assert np.array_equal(slot[2 * P * P:], st.sign.numpy())
+        ga, gb, sign = m.gram_views(results)
+        assert np.array_equal(ga, st.GA.numpy()) and np.array_equal(gb, st.GB.numpy())
+        assert np.array_equal(sign, st.sign.numpy())
 
 
 def test_plan_skips_what_not_every_input_has_and_respects_the_budget(tmp_path):
@@ -93,25 +112,65 @@ def test_plan_skips_what_not_every_input_has_and_respects_the_budget(tmp_path):
     assert prefetch.plan_modules([str(a)], budget=0) == []
 
 
+OPTION_SETS = [{}, {"unit_split": "sqrt", "canonicalize": "sign", "output_reweight": "sqrt"},
+               {"param_reweight": "halves", "canonicalize": "none", "n_init": 3},
+               {"param_reweight": "sum", "output_reweight": "norm_rms", "canonicalize": "balance", "max_iter": 2}]
+
+
+def _flags(options):
+    return [x for key, value in options.items() for x in ("--" + key.replace("_", "-"), str(value))]
+
+
 @linux_only
-@pytest.mark.parametrize("case", ["used", "other inputs", "dead child"])
+@pytest.mark.parametrize("options", OPTION_SETS)
+def test_workers_merge_bit_for_bit_what_the_merge_computes(tmp_path, options):
+    dirs = _adapters(tmp_path, MIXED)  # fp16, bf16 and fp32 inputs; rsLoRA, alpha and rank patterns
+    adapters = [load_adapter(d) for d in dirs]
+    weights = [1.0, -0.5, 2.0]
+    plain = merge(adapters, rank=5, weights=weights, seed=3, **options)
+    settings = prefetch.lego_settings(["merge", "--rank", "5", "--weights", "1", "-0.5", "2", "--seed", "3",
+                                       *_flags(options)], len(dirs))
+    handle = prefetch.start(dirs, settings=settings)
+    result = merge(adapters, rank=5, weights=weights, seed=3, gram_prefetch=handle, **options)
+    assert (handle.merged_taken, handle.taken) == (len(SHAPES), 0)
+    for name in SHAPES:
+        assert torch.equal(result.factors(name).A, plain.factors(name).A)
+        assert torch.equal(result.factors(name).B, plain.factors(name).B)
+
+
+@linux_only
+@pytest.mark.parametrize("case", ["used", "other settings", "other inputs", "dead worker"])
 def test_a_merge_with_the_prefetch_writes_the_same(tmp_path, case):
     dirs = _adapters(tmp_path, MIXED)
     adapters = [load_adapter(d) for d in dirs]
     plain = merge(adapters, rank=5, seed=3)
-    # planned for two of the three inputs: not used, stopped; a dead child: whatever it finished before
-    # dying is used, the rest computed as usual
-    handle = prefetch.start(dirs[:2] if case == "other inputs" else dirs)
-    if case == "dead child":
-        os.kill(handle._pid, 9)
-    if case == "used":
+    # planned for two of the three inputs, or with other settings: not used, stopped; a dead worker: whatever it finished before dying is used, the rest computed as usual
+    settings = prefetch.lego_settings(["merge", "--rank", "4" if case == "other settings" else "5", "--seed", "3"],
+                                      2 if case == "other inputs" else 3)
+    handle = prefetch.start(dirs[:2] if case == "other inputs" else dirs, settings=settings)
+    if case == "dead worker":
+        os.kill(handle._workers[0][0], 9)
+    if case in ("used", "other settings"):
         assert handle.wait() == len(SHAPES)
     result = merge(adapters, rank=5, seed=3, gram_prefetch=handle)
-    assert handle._pid == 0  # the child stopped and reaped when the merge ended
-    assert handle.taken == {"used": len(SHAPES), "other inputs": 0}.get(case, handle.taken)
+    assert handle._workers == []  # the workers stopped and reaped when the merge ended
+    used = {"used": (len(SHAPES), 0), "other settings": (0, 0), "other inputs": (0, 0)}
+    assert (handle.merged_taken, handle.taken) == used.get(case, (handle.merged_taken, handle.taken))
     for name in SHAPES:
         assert torch.equal(result.factors(name).A, plain.factors(name).A)
         assert torch.equal(result.factors(name).B, plain.factors(name).B)
+
+
+def test_settings_are_read_from_the_command_line_or_not_at_all(tmp_path):
+    defaults = tuple(sorted(prefetch.LEGO_DEFAULTS.items()))
+    read = prefetch.lego_settings
+    assert read(["merge", "a", "b", "-o", "x"], 2) == prefetch.Settings(None, (1.0, 1.0), 0, defaults)
+    got = read(["merge", "a", "--weights", "0.5", "-2", "b", "--rank=8", "--seed", "7", "--n-init", "3"], 2)
+    assert (got.rank, got.weights, got.seed, dict(got.options)["n_init"]) == (8, (0.5, -2.0), 7, 3)
+    assert read(["prune", "a", "--rank", "2", "--canonicalize", "sign"], 1).options != defaults
+    for bad in (["merge", "a", "b", "--rank"], ["merge", "a", "b", "--rank", "x"], ["merge", "a", "b", "--weights", "1"],
+                ["merge", "a", "b", "--canonicalize", "nope"], ["merge", "a", "b", "--rank", "0"]):
+        assert read(bad, 2) is None, bad
 
 
 @linux_only
@@ -124,11 +183,11 @@ def test_cli_merge_and_prune_use_the_prefetch_and_write_the_same_bytes(tmp_path)
         assert proc.returncode == 0, proc.stderr
         outs[label] = (tmp_path / f"m-{label}" / "adapter_model.safetensors").read_bytes()
         if label == "on":
-            assert "3 modules planned, 3 computed, 3 used" in proc.stderr
+            assert "3 modules planned, 3 computed, 3 merged and 0 Grams used" in proc.stderr
         proc = run_cli("prune", dirs[2], "-o", tmp_path / f"p-{label}", "--rank", "2", "-q", **env)
         assert proc.returncode == 0, proc.stderr
         if label == "on":
-            assert "3 modules planned, 3 computed, 3 used" in proc.stderr
+            assert "3 modules planned, 3 computed, 3 merged and 0 Grams used" in proc.stderr
     assert outs["on"] == outs["off"]
     assert (tmp_path / "p-on" / "adapter_model.safetensors").read_bytes() == \
         (tmp_path / "p-off" / "adapter_model.safetensors").read_bytes()

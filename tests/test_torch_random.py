@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lora_lego.torch_random import torch_rand_float64
+from lora_lego.torch_random import module_seed, torch_rand_float64
 
 MODULE = Path(__file__).resolve().parents[1] / "src" / "lora_lego" / "torch_random.py"
 _RNG = random.Random(1234)
@@ -42,12 +42,11 @@ def test_edge_shapes(shape: tuple[int, ...]) -> None:
         _assert_bits_equal(torch_rand_float64(seed, shape), _torch_rand(seed, shape))
 
 
-def test_module_seeds_from_project_formula() -> None:
-    import zlib
-
+def test_module_seeds_as_the_merge_seeds_each_module() -> None:
     for base in (0, 7, 2**40):
         for name in ("model.layers.0.self_attn.q_proj", "lm_head"):
-            seed = (base * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63 - 1)
+            seed = module_seed(base, name)
+            assert 0 <= seed < 2**63 - 1
             _assert_bits_equal(torch_rand_float64(seed, (640,)), _torch_rand(seed, (640,)))
 
 

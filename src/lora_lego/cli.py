@@ -14,6 +14,7 @@ from typing import Sequence
 from . import __version__
 from .errors import LoraLegoError
 from .methods import METHODS
+from .prefetch import keep_freed_memory
 
 EXIT_BAD_INPUT = 2
 EXIT_TOO_DIFFERENT = 1
@@ -340,36 +341,13 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
-def _keep_freed_memory() -> None:
-    """glibc only: serve allocations up to 32 MB from the heap and keep freed heap memory for reuse, instead
-    of returning it to the system and taking it back as fresh zeroed pages for the next module (page faults:
-    the merge's threads 0.08 s of 0.84 s on the 8 x Llama-7B set). The process ends after the merge, so
-    holding on to freed memory costs nothing. The same as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_,
-    which a user's own setting overrides."""
-    import os
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD (glibc's largest allowed)
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
-        mallopt(-1, 2**30)  # M_TRIM_THRESHOLD
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     if argv is None:  # the command itself, not a caller in a longer-lived process
         # the imports' objects (torch's, thousands) are never garbage; set aside, they are not scanned again
         # by every collection that parsing the inputs' headers sets off (0.1 s -> 0.03 s for 8 x Llama-7B)
         gc.freeze()
-        _keep_freed_memory()
+        keep_freed_memory()
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)

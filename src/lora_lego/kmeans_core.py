@@ -23,6 +23,9 @@ import numpy as np
 # of the Gram formula: the points coincide. Exact duplicates then count as one point, as they would with
 # exact differences.
 COINCIDE_EPS = 64
+# Inputs with a value beyond this (times its weight) are refused before merging: far beyond any trained LoRA,
+# and squared distances of such values still fit in float32.
+MAX_ABS = 1e12
 
 
 def _zero_round_off(d: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:

@@ -27,6 +27,10 @@ OUTPUT_REWEIGHTS = ("sqrt", "linear", "none", "norm_mean", "norm_rms", "norm_sum
 # "direction" is not a canonicalisation of the pool (it changes units' lengths): it clusters the
 # balanced units' directions, and the centroids then take their magnitude from param_reweight
 LEGO_CANONICALIZATIONS = CANONICALIZATIONS + ("direction",)
+# lego's options and their defaults (methods/lego.py documents them; the CLI's prefetch child needs them
+# without importing torch)
+LEGO_DEFAULTS = {"param_reweight": "joint", "output_reweight": "norm_geo", "unit_split": "b",
+                 "canonicalize": "direction", "n_init": 10, "max_iter": 100}
 
 
 def per_unit(ranks: Sequence[int], values: Sequence[float]) -> np.ndarray:
@@ -283,8 +287,10 @@ def cluster_pools(grams: Sequence[np.ndarray], jobs: Sequence[PoolJob], n_init: 
     return out
 
 
-def centroid_products(Ca: np.ndarray, Cb: np.ndarray, A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def centroid_products(Ca: np.ndarray, Cb: np.ndarray, A: np.ndarray, B: np.ndarray,
+                      out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A' = Ca A (k x d_in) and B' = B Cbᵀ (d_out x k) in A's and B's dtype, from the stacked raw factors
     A (P x d_in) and B (d_out x P); one numpy product each, so that the library and the CLI's prefetch
-    child (the same arrays, the same call) form the same bits."""
-    return Ca.astype(A.dtype) @ A, B @ Cb.T.astype(B.dtype)
+    workers (the same arrays, the same call) form the same bits. ``out``: where to write them."""
+    a, b = out if out is not None else (None, None)
+    return np.matmul(Ca.astype(A.dtype), A, out=a), np.matmul(B, Cb.T.astype(B.dtype), out=b)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -17,8 +16,10 @@ from .adapter import Adapter, Factors, ModuleSpec, widest_dtype
 from .errors import LoraLegoError
 from .formats.names import check_qkv_layouts
 from .formats.tensors import largest_magnitude
+from .kmeans_core import MAX_ABS
 from .methods import MergeMethod, ModuleJob, get_method
 from .prefetch import GramPrefetch
+from .torch_random import module_seed  # noqa: F401 (part of merge's interface)
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -36,12 +37,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LoraLegoError("--device cuda was asked for but no CUDA device is available (use cpu or auto)")
     return dev
-
-
-def module_seed(seed: int, name: str) -> int:
-    """A per-module seed that depends on the module's name, not its position, so that adding or removing
-    other modules does not change this module's result."""
-    return (int(seed) * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
 def default_weights(method: MergeMethod, n: int) -> list[float]:
@@ -124,6 +119,10 @@ def _merge(adapters: Sequence[Adapter], method: str, rank: int | None, weights: 
                                           and gram_prefetch.matches([str(a.path) for a in adapters])):
         gram_prefetch.close()  # computed for something else: stop the child, use nothing of it
         gram_prefetch = None
+    if gram_prefetch is not None and not gram_prefetch.accept(rank, weights, seed, opts, m.name) \
+            and gram_prefetch.settings is not None:
+        gram_prefetch.close()  # merged with other settings than the merge's (its Grams are not kept): of no use
+        gram_prefetch = None
 
     names: list[str] = []
     seen = set()
@@ -180,18 +179,30 @@ def _merge(adapters: Sequence[Adapter], method: str, rank: int | None, weights: 
 
     def merge_batch(batch: list[tuple[str, ModuleJob]], reader: ThreadPoolExecutor) -> None:
         """Merge the modules of ``batch``, in one ``fn_many`` call where the method has one; keep them, or
-        queue their finish step behind the next batch's reading."""
-        jobs = [j for _, j in batch]
-        if m.fn_many is not None:
+        queue their finish step behind the next batch's reading. Modules the CLI's prefetch workers merged
+        already are kept as they come, in order."""
+        jobs = [j for _, j in batch if not isinstance(j.prepared, _Merged)]
+        if not jobs:
+            results = []
+        elif m.fn_many is not None:
             results = m.fn_many(jobs, rank, **opts, **({"finish_later": True} if m.finish is not None else {}))
         else:
             results = [m.fn(j.factors, j.weights, rank, generator=j.generator, **opts,
                             **({"prepared": j.prepared} if j.prepared is not None else {})) for j in jobs]
-        for (name, _), result in zip(batch, results):
-            if m.fn_many is not None and m.finish is not None:
+        computed = iter(results)
+        for name, j in batch:
+            if isinstance(j.prepared, _Merged):
+                if m.finish is None:
+                    keep(name, j.prepared.factors)
+                    continue
+                finished: Future = Future()
+                finished.set_result(j.prepared.factors)
+                finishing.append(_Finishing(name, finished, None))
+            elif m.fn_many is not None and m.finish is not None:
+                result = next(computed)
                 finishing.append(_Finishing(name, reader.submit(m.finish, result), result))
             else:
-                keep(name, result)
+                keep(name, next(computed))
 
     def finish_here(entry: _Finishing) -> None:
         """Run a queued finish step in this thread if the reader has not started it (with the reader's torch
@@ -229,6 +240,12 @@ def _merge(adapters: Sequence[Adapter], method: str, rank: int | None, weights: 
         and run the method's ``prepare`` on them (in the helper thread)."""
         holders = holders_of[name]
         specs = [adapters[i].modules[name] for i in holders]
+        if gram_prefetch is not None and gram_prefetch.use_merged and dev.type == "cpu" and len(holders) == len(adapters) \
+                and len({(s.d_in, s.d_out) for s in specs}) == 1:
+            merged = gram_prefetch.take_merged(name, [s.rank for s in specs], specs[0].d_in, specs[0].d_out,
+                                               [s.scale for s in specs])
+            if merged is not None:
+                return [], _Merged(Factors(*(torch.from_numpy(x) for x in merged)))
         stacked = None
         if dev.type == "cpu" and len({(s.d_in, s.d_out) for s in specs}) == 1:
             # every input's factors converted straight into one stacked A (P x d_in) and B (d_out x P), which
@@ -314,6 +331,13 @@ def _merge(adapters: Sequence[Adapter], method: str, rank: int | None, weights: 
 
 
 @dataclass
+class _Merged:
+    """A module's factors as the CLI's prefetch workers merged them (in place of the method's prepared input)."""
+
+    factors: Factors
+
+
+@dataclass
 class _Finishing:
     """A module whose method's finish step was queued in the reader thread."""
 
@@ -359,9 +383,6 @@ def prune(adapter: Adapter, rank: int, seed: int = 0, device: str | torch.device
         raise LoraLegoError("prune needs --rank")
     return merge([adapter], method="lego", rank=rank, weights=[1.0], seed=seed, device=device,
                  progress=progress, gram_prefetch=gram_prefetch, **options)
-
-
-MAX_ABS = 1e12  # far beyond any trained LoRA; squared distances of such values still fit in float32
 
 
 def _check_magnitude(f: Factors, weight: float, label: str, name: str) -> None:

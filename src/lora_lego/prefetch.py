@@ -1,19 +1,24 @@
-"""lego's Gram products computed while the CLI imports torch.
+"""lego computed while the CLI imports torch.
 
-`lora-lego merge` spends about a second importing torch before it can read anything; lego's costliest
-step, the two Gram products of every module's stacked factors (msu.stacked_grams), needs only numpy.
-So the CLI forks a child process before that import (``start_for_cli``, called first thing by
-``lora_lego/__init__``); the child reads the PEFT inputs' factors and writes each module's G_A = A Aᵀ,
-G_B = Bᵀ B and row signs into shared memory, bit for bit what ``stacked_grams`` computes (the same
-float32 values in the same layout through the same numpy product), and the merge's reader thread takes
-them (``GramPrefetch.take``) instead of multiplying again. A process, not a thread: a thread would
-share the GIL with the import, which runs Python code most of the time.
+`lora-lego merge` spends about a second importing torch before it can read anything, and lego needs no
+torch on the CPU: its two Gram products per module are numpy's, the clustering and the algebra between
+them are numpy's (kmeans_core.py, lego_core.py), the random draws are torch's mt19937 stream, which
+torch_random.py reproduces, and the centroid products are numpy's again. So the CLI forks two worker
+processes before that import (``start_for_cli``, called first thing by ``lora_lego/__init__``); each
+reads every other module's factors from the PEFT inputs, stacks them as the merge's reader does, and
+writes into shared memory the module's G_A = A Aᵀ, G_B = Bᵀ B and row signs and, where it could read
+the merge's settings from the command line (rank, weights, seed, lego's options), the merged factors
+themselves: bit for bit what ``merge`` computes, by the same functions on the same float32 values. The
+merge takes a module's merged factors (``GramPrefetch.take_merged``) when its settings are the ones the
+workers assumed, else its Grams (``take``), and computes only what is missing. Processes, not threads:
+a thread would share the GIL with the import, which runs Python code most of the time.
 
-Best effort by design: the child parses only what it needs and gives up silently on anything unusual
-(other formats, dtypes, conv or embedding modules, a module some inputs lack); the merge then reads,
-checks and multiplies as always, and every error message still comes from the normal readers. Only
-Linux (fork with a parent-death signal). ``LORA_LEGO_PREFETCH=0`` turns it off. Torch is never imported
-here, and nothing outside the standard library and numpy.
+Best effort by design: the workers parse only what they need and give up silently on anything unusual
+(other formats, dtypes, conv or embedding modules, a module some inputs lack, a value not finite or
+beyond what the merge accepts); the merge then reads, checks and merges as always, and every error
+message still comes from the normal readers. Only Linux (fork with a parent-death signal).
+``LORA_LEGO_PREFETCH=0`` turns it off. Torch is never imported here, and nothing outside the standard
+library and numpy.
 """
 
 from __future__ import annotations
@@ -26,18 +31,36 @@ import signal
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from .kmeans_core import MAX_ABS
+from .lego_core import LEGO_CANONICALIZATIONS, LEGO_DEFAULTS, OUTPUT_REWEIGHTS, PARAM_REWEIGHTS, UNIT_SPLITS, PoolJob, \
+    centroid_products, lego_coefficients, lego_pool
 from .peft_rules import CONFIG_NAME, LINEAR_A_SUFFIX, LINEAR_B_SUFFIX, PREFIX, SAFETENSORS_NAME, lora_scale, \
     module_rank_alpha
+from .torch_random import module_seed, torch_rand_float64
 
-# Shared memory for the Grams, at most: the modules beyond it are multiplied by the merge as usual. The
-# 8 x Llama-2-7B rank-16 set needs 58 MB (224 modules of 2 x 128² float64).
-BUDGET_BYTES = 256 * 2**20
+# Shared memory for the workers' results, at most: the modules beyond it are merged by the merge as usual.
+# The 8 x Llama-2-7B rank-16 set needs 208 MB (224 modules: Grams 2 x 128² float64, merged factors
+# 16 x (d_in + d_out) float32); each slot is given back as soon as the merge has taken it.
+BUDGET_BYTES = 384 * 2**20
+WORKERS = 2
+BATCH = 8  # modules of equal pool size clustered in one k-means call (its cost is mostly fixed)
 _READ_DTYPES = ("F16", "BF16", "F32")
 _PAGE_ITEMS = mmap.PAGESIZE // 8
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the merge computes, as read from the command line: output rank (None: the largest input rank),
+    one weight per input, the seed, and lego's options (all of them, defaults filled in)."""
+
+    rank: int | None
+    weights: tuple[float, ...]
+    seed: int
+    options: tuple[tuple[str, Any], ...]
 
 
 @dataclass(frozen=True)
@@ -51,7 +74,8 @@ class PlannedModule:
     scales: tuple[float, ...]  # each input's lora_alpha / r (or / sqrt(r)), as the PEFT reader computes it
     a: tuple[tuple[int, str], ...]  # each input's lora_A: (byte offset in its file, safetensors dtype)
     b: tuple[tuple[int, str], ...]
-    slot: int  # offset of its (G_A, G_B, sign) in the shared memory, in float64 items
+    slot: int  # offset of its results in the shared memory, in float64 items
+    k: int = 0  # the output rank asked for (0: the merged factors are not computed, only the Grams)
 
     @property
     def pool(self) -> int:
@@ -59,14 +83,29 @@ class PlannedModule:
 
     @property
     def items(self) -> int:
+        if self.k:  # the number of merged units formed, then A' and B' as float32
+            return 1 + -(-self.k * (self.d_in + self.d_out) // 2)
         return 2 * self.pool * self.pool + self.pool
 
-    def slot_views(self, results: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Its G_A (P x P), G_B (P x P) and row signs (P) in the shared results, where the child writes them
-        and the parent reads them."""
+    def gram_views(self, results: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Its G_A (P x P), G_B (P x P) and row signs (P) in the shared results (a slot planned without
+        settings, k = 0), where a worker writes them and the parent reads them."""
         P = self.pool
         slot = results[self.slot:self.slot + self.items]
         return slot[:P * P].reshape(P, P), slot[P * P:2 * P * P].reshape(P, P), slot[2 * P * P:]
+
+    def merged_views(self, results: np.ndarray, formed: int | None = None
+                     ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+        """The number of merged units formed (one float64; 0 where the worker left the module to the merge)
+        and, given ``formed``, A' (formed x d_in) and B' (d_out x formed) as float32, in the shared results
+        (a slot planned with settings, k > 0)."""
+        slot = results[self.slot:self.slot + self.items]
+        if formed is None:
+            return slot[:1], None
+        room = slot[1:].view(np.float32)
+        cut = formed * self.d_in
+        return slot[:1], (room[:cut].reshape(formed, self.d_in),
+                          room[cut:cut + formed * self.d_out].reshape(self.d_out, formed))
 
 
 def _header(path: str) -> tuple[int, dict]:
@@ -81,9 +120,11 @@ def _header(path: str) -> tuple[int, dict]:
     return 8 + n, header
 
 
-def plan_modules(dirs: Sequence[str], budget: int = BUDGET_BYTES) -> list[PlannedModule]:
-    """The modules whose Grams the child computes, in the merge's order (the first input's), as many as
-    ``budget`` bytes of results hold. Raises on anything unexpected (the caller gives up)."""
+def plan_modules(dirs: Sequence[str], budget: int = BUDGET_BYTES, settings: Settings | None = None
+                 ) -> list[PlannedModule]:
+    """The modules the workers compute, in the merge's order (the first input's), as many as ``budget`` bytes
+    of results hold; with ``settings`` the merged factors too. Raises on anything unexpected (the caller
+    gives up)."""
     inputs = []
     for d in dirs:
         with open(os.path.join(d, CONFIG_NAME), encoding="utf-8") as f:
@@ -119,7 +160,8 @@ def plan_modules(dirs: Sequence[str], budget: int = BUDGET_BYTES) -> list[Planne
             if len(dims) != 1:
                 continue
             (d_in, d_out), = dims
-            module = PlannedModule(name, tuple(ranks), d_in, d_out, tuple(scales), tuple(a), tuple(b), used)
+            k = 0 if settings is None else (settings.rank if settings.rank is not None else max(ranks))
+            module = PlannedModule(name, tuple(ranks), d_in, d_out, tuple(scales), tuple(a), tuple(b), used, k)
             if 8 * (used + module.items) > budget:
                 break
             plan.append(module)
@@ -127,26 +169,35 @@ def plan_modules(dirs: Sequence[str], budget: int = BUDGET_BYTES) -> list[Planne
     return plan
 
 
-def _to_float32(raw: np.ndarray, dtype: str, out: np.ndarray, work: np.ndarray) -> None:
-    """``raw`` (the file's bytes) as float32 into ``out``, exactly (every F16 and BF16 value is a float32).
-    numpy's own float16 cast is ~14x slower than torch's on x86; the bit pattern is rebuilt instead:
-    F16's exponent and mantissa shifted into float32's place, with the sign bit, read as a float32 that is
-    2^-112 times the value (subnormals included), times 2^112 (exact: a power of two)."""
+def _to_float32(raw: np.ndarray, dtype: str, out: np.ndarray, work: np.ndarray, scale: float = 1.0) -> None:
+    """``raw`` (the file's bytes) as float32 into ``out``, times the float32 ``scale`` with one rounding:
+    the value float32(x) * float32(scale) that converting and then multiplying gives (every F16 and BF16
+    value is a float32), in one pass less. numpy's own float16 cast is ~14x slower than torch's on x86; the
+    bit pattern is rebuilt instead: F16's exponent and mantissa shifted into float32's place, with the sign
+    bit, read as a float32 that is 2^-112 times the value (exact, subnormals included), times 2^112 * scale
+    (exact while finite: a power of two times a float32), so the product is rounded once."""
+    factor = np.float32(scale)
     if dtype == "F32":
-        np.copyto(out, raw.view(np.float32).reshape(out.shape))
+        np.multiply(raw.view(np.float32).reshape(out.shape), factor, out=out)
         return
     half = raw.view(np.uint16).reshape(out.shape)
     bits = work[:half.size].reshape(out.shape)
     if dtype == "BF16":
         np.left_shift(half, 16, out=bits, dtype=np.uint32)
-        np.copyto(out, bits.view(np.float32))
+        np.multiply(bits.view(np.float32), factor, out=out)
         return
     np.bitwise_and(half, 0x7FFF, out=bits, dtype=np.uint32)
     np.left_shift(bits, 13, out=bits)
     sign = np.bitwise_and(half, 0x8000).astype(np.uint32)
     np.left_shift(sign, 16, out=sign)
     np.bitwise_or(bits, sign, out=bits)
-    np.multiply(bits.view(np.float32), np.float32(2.0 ** 112), out=out)
+    with np.errstate(over="ignore"):
+        folded = factor * np.float32(2.0 ** 112)
+    if np.isfinite(folded):
+        np.multiply(bits.view(np.float32), folded, out=out)
+    else:  # a scale of 2^16 or more: in two steps
+        np.multiply(bits.view(np.float32), np.float32(2.0 ** 112), out=out)
+        np.multiply(out, factor, out=out)
 
 
 def _conversion_exact() -> bool:
@@ -169,107 +220,192 @@ def sign_of_largest(A: np.ndarray) -> np.ndarray:
     return sign
 
 
-def compute(dirs: Sequence[str], plan: Sequence[PlannedModule], results: np.ndarray, done_fd: int | None = None) -> None:
-    """For each planned module in order: read every input's factors into the stacked float32 A (P x d_in)
-    and B (d_out x P, input j's scale multiplied in float32), as the merge's reader does, and write
-    G_A, G_B (float64 of the float32 products) and the row signs of A into ``results`` at the module's slot;
-    one byte on ``done_fd`` after each."""
+def compute(dirs: Sequence[str], plan: Sequence[PlannedModule], results: np.ndarray, done_fd: int | None = None,
+            worker: int = 0, workers: int = 1, settings: Settings | None = None) -> None:
+    """For the planned modules of this worker (every ``workers``-th from ``worker``), in order: read every
+    input's factors into the stacked float32 A (P x d_in) and B (d_out x P, input j's scale multiplied in
+    float32), as the merge's reader does, and write G_A, G_B (float64 of the float32 products) and the row
+    signs of A into ``results`` at the module's slot; with ``settings``, then lego's merged factors of
+    ``BATCH`` modules at a time (``lego_core``, as methods/lego.py runs it). One byte on ``done_fd`` per
+    module once its slot is complete."""
     fds = [os.open(os.path.join(d, SAFETENSORS_NAME), os.O_RDONLY) for d in dirs]
-    largest = max((m.pool * max(m.d_in, m.d_out) for m in plan), default=0)
+    mine = list(plan[worker::workers])
+    largest = max((m.pool * max(m.d_in, m.d_out) for m in mine), default=0)
     raw = np.empty(4 * largest, np.uint8)
     work = np.empty(largest, np.uint32)
-    stack_a, stack_b = np.empty(largest, np.float32), np.empty(largest, np.float32)
-    for m in plan:
-        P = m.pool
-        A = stack_a[:P * m.d_in].reshape(P, m.d_in)
-        B = stack_b[:m.d_out * P].reshape(m.d_out, P)
-        row = 0
-        for fd, r, scale, (off_a, dt_a), (off_b, dt_b) in zip(fds, m.ranks, m.scales, m.a, m.b):
-            for offset, dtype, out in ((off_a, dt_a, A[row:row + r]), (off_b, dt_b, B[:, row:row + r])):
-                n = out.size * (4 if dtype == "F32" else 2)
-                if os.preadv(fd, [raw[:n]], offset) != n:
-                    raise OSError("short read")
-                _to_float32(raw[:n], dtype, out, work)
-            np.multiply(B[:, row:row + r], np.float32(scale), out=B[:, row:row + r])
-            row += r
-        x = B.T  # the strides msu.gram64 sees for B.T of a C-ordered torch (d_out, P): the same BLAS call
-        ga, gb, sign = m.slot_views(results)
-        ga[...] = A @ A.T
-        gb[...] = x @ x.T
-        sign[...] = sign_of_largest(A)
+    stacks = [(np.empty(largest, np.float32), np.empty(largest, np.float32)) for _ in range(min(BATCH, len(mine)))]
+    if settings is not None:  # the Grams stay here: the merge takes the merged factors
+        pool = max((m.pool for m in mine), default=0)
+        grams = [np.empty(2 * pool * pool + pool) for _ in stacks]
+    start = 0
+    while start < len(mine):
+        batch = [mine[start]]
+        while start + len(batch) < len(mine) and len(batch) < BATCH and mine[start + len(batch)].pool == batch[0].pool:
+            batch.append(mine[start + len(batch)])
+        start += len(batch)
+        factors = []
+        for i, m in enumerate(batch):
+            P = m.pool
+            A = stacks[i][0][:P * m.d_in].reshape(P, m.d_in)
+            B = stacks[i][1][:m.d_out * P].reshape(m.d_out, P)
+            row = 0
+            for fd, r, scale, (off_a, dt_a), (off_b, dt_b) in zip(fds, m.ranks, m.scales, m.a, m.b):
+                for offset, dtype, out, factor in ((off_a, dt_a, A[row:row + r], 1.0), (off_b, dt_b, B[:, row:row + r], scale)):
+                    n = out.size * (4 if dtype == "F32" else 2)
+                    if os.preadv(fd, [raw[:n]], offset) != n:
+                        raise OSError("short read")
+                    _to_float32(raw[:n], dtype, out, work, factor)
+                row += r
+            if settings is None:
+                ga, gb, sign = m.gram_views(results)
+            else:
+                ga, gb, sign = grams[i][:P * P].reshape(P, P), grams[i][P * P:2 * P * P].reshape(P, P), grams[i][2 * P * P:2 * P * P + P]
+            x = B.T  # the strides msu.gram64 sees for B.T of a C-ordered torch (d_out, P): the same BLAS call
+            ga[...] = A @ A.T
+            gb[...] = x @ x.T
+            sign[...] = sign_of_largest(A)
+            factors.append((A, B, ga, gb, sign))
+        if settings is not None:
+            _merge_batch(batch, factors, results, settings)
         if done_fd is not None:
-            os.write(done_fd, b"\x01")
+            os.write(done_fd, b"\x01" * len(batch))
+
+
+def _merge_batch(batch: Sequence[PlannedModule], factors: Sequence[tuple[np.ndarray, ...]], results: np.ndarray,
+                 settings: Settings) -> None:
+    """lego's merged factors of the modules in ``batch`` from their stacked factors, Grams and signs (A, B, G_A,
+    G_B, sign), written into their slots. A module with a value that is not finite or beyond MAX_ABS (times
+    the largest weight) is left to the merge, which refuses it with the error that names the file: such a
+    value makes the diagonal of a Gram matrix (each row's or column's sum of squares) NaN, infinite or larger
+    than MAX_ABS² (a conservative test: a module it rejects is merged by the merge as usual)."""
+    options = dict(settings.options)
+    bound = (MAX_ABS / max([1.0] + [abs(w) for w in settings.weights])) ** 2
+    jobs, kept = [], []
+    for m, (A, B, ga, gb, sign) in zip(batch, factors):
+        m.merged_views(results)[0][0] = 0.0
+        peak = max(float(np.diagonal(ga).max()), float(np.diagonal(gb).max()))
+        if not peak <= bound:  # NaN compares false
+            continue
+        pool = lego_pool(ga, gb, sign, m.ranks, m.scales, settings.weights, options["unit_split"], options["canonicalize"])
+        seed = module_seed(settings.seed, m.name)
+        jobs.append(PoolJob(pool, m.ranks, settings.weights, m.k, lambda shape, seed=seed: torch_rand_float64(seed, shape),
+                            float(np.finfo(np.float32).eps)))
+        kept.append((m, A, B))
+    coefficients = lego_coefficients(jobs, param_reweight=options["param_reweight"],
+                                     output_reweight=options["output_reweight"], canonicalize=options["canonicalize"],
+                                     n_init=options["n_init"], max_iter=options["max_iter"])
+    for (m, A, B), (Ca, Cb) in zip(kept, coefficients):
+        formed, out = m.merged_views(results, Ca.shape[0])
+        centroid_products(Ca, Cb, A, B, out=out)
+        formed[0] = Ca.shape[0]
 
 
 class GramPrefetch:
-    """The parent's side: which inputs and modules were planned, and the results as the child finishes them."""
+    """The parent's side: which inputs and modules were planned, with which settings, and the results as the
+    workers finish them."""
 
-    def __init__(self, dirs: list[str], plan: list[PlannedModule], memory: mmap.mmap, done_fd: int, pid: int):
+    def __init__(self, dirs: list[str], plan: list[PlannedModule], memory: mmap.mmap, workers: list[tuple[int, int]],
+                 settings: Settings | None = None):
         self.dirs = dirs
         self.plan = {m.name: (i, m) for i, m in enumerate(plan)}
+        self.settings = settings
+        self.use_merged = False  # set by ``accept`` once the merge's settings are known to be the workers'
         self._memory = memory
         self._results = np.frombuffer(memory, dtype=np.float64)
-        self._done_fd = done_fd
-        self._pid = pid
-        self._done = 0
-        self._ended = False
+        self._workers = [[pid, fd, 0, False] for pid, fd in workers]  # pid, pipe, modules done, ended
         self.taken = 0
+        self.merged_taken = 0
 
     def matches(self, paths: Sequence[str]) -> bool:
         """Whether the merge's inputs are the ones planned for, in the same order."""
         return [os.path.realpath(p) for p in paths] == self.dirs
 
-    def take(self, name: str, ranks: Sequence[int], d_in: int, d_out: int, scales: Sequence[float]
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """(G_A, G_B, sign) of ``name`` as float64 copies, waiting for the child if it has not reached it yet;
-        None where it was not planned, what the merge read differs from the plan, or the child stopped."""
+    def accept(self, rank: int | None, weights: Sequence[float], seed: int, options: dict[str, Any],
+               method: str = "lego") -> bool:
+        """Use the workers' merged factors only if the merge is lego with the settings they assumed."""
+        ours = Settings(rank, tuple(float(w) for w in weights), int(seed), tuple(sorted(options.items())))
+        self.use_merged = method == "lego" and self.settings is not None and ours == self.settings
+        return self.use_merged
+
+    def _ready(self, name: str, ranks: Sequence[int], d_in: int, d_out: int, scales: Sequence[float]
+               ) -> PlannedModule | None:
+        """The planned module ``name`` once its worker has written it (waiting for that); None where it was
+        not planned, what the merge read differs from the plan, or the worker stopped before it."""
         entry = self.plan.get(name)
-        if entry is None:
+        if entry is None or not self._workers:
             return None
         index, m = entry
         if (list(m.ranks), m.d_in, m.d_out, list(m.scales)) != (list(ranks), d_in, d_out, list(scales)):
             return None
-        self._wait_for(index + 1)
-        if self._done <= index:
-            return None
-        out = tuple(view.copy() for view in m.slot_views(self._results))
-        if hasattr(mmap, "MADV_REMOVE"):  # give the slot's memory back (both processes'): it is read once
+        worker = self._workers[index % len(self._workers)]
+        position = index // len(self._workers)
+        while worker[2] <= position and not worker[3] and worker[0]:
+            got = os.read(worker[1], 65536)
+            worker[2] += len(got)
+            worker[3] = not got  # the worker exited (finished, gave up or was killed)
+        return m if worker[2] > position else None
+
+    def _release(self, m: PlannedModule) -> None:
+        """Give the slot's memory back (both processes'): each slot is read once."""
+        if hasattr(mmap, "MADV_REMOVE"):
             try:
                 self._memory.madvise(mmap.MADV_REMOVE, 8 * m.slot, 8 * m.items)
             except OSError:
                 pass
+
+    def take_merged(self, name: str, ranks: Sequence[int], d_in: int, d_out: int, scales: Sequence[float]
+                    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """lego's merged factors (A', B') of ``name`` as float32 copies (``accept`` must have been called), or
+        None where the workers did not form them (the Grams may still be there: ``take``)."""
+        m = self._ready(name, ranks, d_in, d_out, scales) if self.use_merged else None
+        if m is None:
+            return None
+        if not m.k:
+            return None
+        formed = int(m.merged_views(self._results)[0][0])
+        if formed < 1:
+            return None
+        out = tuple(view.copy() for view in m.merged_views(self._results, formed)[1])
+        self._release(m)
+        self.merged_taken += 1
+        return out
+
+    def take(self, name: str, ranks: Sequence[int], d_in: int, d_out: int, scales: Sequence[float]
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(G_A, G_B, sign) of ``name`` as float64 copies, waiting for its worker if it has not reached it yet;
+        None where it was not planned, what the merge read differs from the plan, or the worker stopped."""
+        m = self._ready(name, ranks, d_in, d_out, scales)
+        if m is None or m.k:
+            return None
+        out = tuple(view.copy() for view in m.gram_views(self._results))
+        self._release(m)
         self.taken += 1
         return out
 
     def wait(self) -> int:
-        """Wait for the child to finish; how many modules it computed."""
-        self._wait_for(len(self.plan))
-        return self._done
-
-    def _wait_for(self, count: int) -> None:
-        """Read the child's progress until it has computed ``count`` modules or ended."""
-        while self._done < count and not self._ended and self._pid:
-            got = os.read(self._done_fd, 65536)
-            self._done += len(got)
-            self._ended = not got  # the child exited (finished, gave up or was killed)
+        """Wait for the workers to finish; how many modules they completed."""
+        for m in self.plan.values():
+            self._ready(m[1].name, m[1].ranks, m[1].d_in, m[1].d_out, m[1].scales)
+        return sum(w[2] for w in self._workers)
 
     def close(self) -> None:
-        """Stop the child if it still runs and free everything (idempotent)."""
+        """Stop the workers that still run and free everything (idempotent)."""
         global ACTIVE
-        if self._pid and os.environ.get("LORA_LEGO_PREFETCH_STATS"):  # a diagnostic for benchmarks and tests
-            print(f"lora-lego prefetch: {len(self.plan)} modules planned, {self._done} computed, {self.taken} used",
-                  file=sys.stderr)
-        if self._pid:
+        if self._workers and os.environ.get("LORA_LEGO_PREFETCH_STATS"):  # a diagnostic for benchmarks and tests
+            print(f"lora-lego prefetch: {len(self.plan)} modules planned, {sum(w[2] for w in self._workers)} computed, "
+                  f"{self.merged_taken} merged and {self.taken} Grams used", file=sys.stderr)
+        for pid, fd, _, _ in self._workers:
             try:
-                os.kill(self._pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             try:
-                os.waitpid(self._pid, 0)
+                os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
-            self._pid = 0
-            os.close(self._done_fd)
+            os.close(fd)
+        if self._workers:
+            self._workers = []
             del self._results
             self._memory.close()
         if ACTIVE is self:
@@ -312,8 +448,75 @@ def lego_inputs(args: Sequence[str]) -> list[str] | None:
     return inputs or None
 
 
+def lego_settings(args: Sequence[str], inputs: int) -> Settings | None:
+    """The rank, weights, seed and lego options of a `merge` or `prune` command line (``lego_inputs``'s), read
+    roughly (exact flags only, no abbreviations); None where something does not parse. The merge compares
+    them with its own (``GramPrefetch.accept``) before it uses anything computed with them."""
+    flags = {"--rank": int, "--seed": int}
+    flags.update({"--" + key.replace("_", "-"): type(value) for key, value in LEGO_DEFAULTS.items()})
+    found: dict[str, Any] = {}
+    weights = None
+    i = 1
+    try:
+        while i < len(args):
+            key, eq, value = args[i].partition("=")
+            i += 1
+            if key == "--weights":
+                weights = [float(value)] if eq else []
+                while i < len(args) and _is_number(args[i]):
+                    weights.append(float(args[i]))
+                    i += 1
+            elif key in flags:
+                if not eq:
+                    value = args[i]
+                    i += 1
+                found[key] = flags[key](value)
+    except (IndexError, ValueError):
+        return None
+    options = {key: found.get("--" + key.replace("_", "-"), default) for key, default in LEGO_DEFAULTS.items()}
+    if options["param_reweight"] not in PARAM_REWEIGHTS or options["output_reweight"] not in OUTPUT_REWEIGHTS \
+            or options["unit_split"] not in UNIT_SPLITS or options["canonicalize"] not in LEGO_CANONICALIZATIONS \
+            or options["n_init"] < 1 or options["max_iter"] < 1:
+        return None
+    rank = found.get("--rank")
+    if weights is None:
+        weights = [1.0] * inputs  # lego's default weights
+    if (rank is not None and rank < 1) or len(weights) != inputs or (args[0] == "prune" and weights != [1.0]):
+        return None
+    return Settings(rank, tuple(weights), found.get("--seed", 0), tuple(sorted(options.items())))
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def keep_freed_memory() -> None:
+    """glibc only: serve allocations up to 32 MB from the heap and keep freed heap memory for reuse, instead
+    of returning it to the system and taking it back as fresh zeroed pages for the next module (page faults:
+    the merge's threads 0.08 s of 0.84 s on the 8 x Llama-7B set; k-means' arrays of a batch, ~1 MB each,
+    would otherwise each be a fresh mapping). For the CLI, whose process ends after the merge, so holding on
+    to freed memory costs nothing. The same as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, which a
+    user's own setting overrides."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD (glibc's largest allowed)
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        mallopt(-1, 2**30)  # M_TRIM_THRESHOLD
+
+
 def start_for_cli() -> None:
-    """Start the child where this process is a lego merge of PEFT folders on the CPU (see the module's
+    """Start the workers where this process is a lego merge of PEFT folders on the CPU (see the module's
     docstring); anything else, or any failure, leaves ``ACTIVE`` None and the merge works as without."""
     global ACTIVE
     if ACTIVE is not None or os.environ.get("LORA_LEGO_PREFETCH", "1") == "0" or not sys.platform.startswith("linux"):
@@ -321,18 +524,20 @@ def start_for_cli() -> None:
     args = cli_arguments()
     dirs = lego_inputs(args) if args is not None else None
     if dirs:
-        ACTIVE = start(dirs)
+        keep_freed_memory()  # before the fork: the workers' k-means and products allocate per batch
+        ACTIVE = start(dirs, settings=lego_settings(args, len(dirs)))
         if ACTIVE is not None:
             atexit.register(ACTIVE.close)
 
 
-def start(dirs: Sequence[str], budget: int = BUDGET_BYTES) -> GramPrefetch | None:
-    """Fork the child that computes the Grams of the PEFT folders ``dirs`` (None where there is nothing
-    to do or the plan fails). Before torch is imported, as the CLI does, or at least before any other
-    thread is started: a fork copies only the calling thread."""
+def start(dirs: Sequence[str], budget: int = BUDGET_BYTES, settings: Settings | None = None, workers: int = WORKERS
+          ) -> GramPrefetch | None:
+    """Fork the workers that compute the PEFT folders ``dirs``' Grams (and with ``settings`` the merged
+    factors); None where there is nothing to do or the plan fails. Before torch is imported, as the CLI
+    does, or at least before any other thread is started: a fork copies only the calling thread."""
     dirs = [os.path.realpath(d) for d in dirs]
     try:
-        plan = plan_modules(dirs, budget)
+        plan = plan_modules(dirs, budget, settings)
     except Exception:
         return None
     if not plan or not _conversion_exact():
@@ -340,28 +545,40 @@ def start(dirs: Sequence[str], budget: int = BUDGET_BYTES) -> GramPrefetch | Non
     parent = os.getpid()
     try:
         memory = mmap.mmap(-1, 8 * (plan[-1].slot + plan[-1].items))
-        done_r, done_w = os.pipe()
     except OSError:
         return None
-    try:
-        pid = os.fork()
-    except OSError:  # no more processes or memory: the merge works as without
-        for fd in (done_r, done_w):
-            os.close(fd)
-        memory.close()
-        return None
-    if pid == 0:  # the child: compute, never return into the caller's code
-        code = 0
+    started: list[tuple[int, int]] = []
+    workers = max(1, min(workers, len(plan)))
+    for worker in range(workers):
         try:
+            done_r, done_w = os.pipe()
+        except OSError:
+            break
+        try:
+            pid = os.fork()
+        except OSError:  # no more processes or memory: fewer workers, or the merge works as without
             os.close(done_r)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-            _die_with_parent(parent)
-            compute(dirs, plan, np.frombuffer(memory, dtype=np.float64), done_w)
-        except BaseException:
-            code = 1
-        os._exit(code)
-    os.close(done_w)
-    return GramPrefetch(dirs, plan, memory, done_r, pid)
+            os.close(done_w)
+            break
+        if pid == 0:  # a worker: compute, never return into the caller's code
+            code = 0
+            try:
+                os.close(done_r)
+                for _, fd in started:
+                    os.close(fd)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+                _die_with_parent(parent)
+                compute(dirs, plan, np.frombuffer(memory, dtype=np.float64), done_w, worker, workers, settings)
+            except BaseException:
+                code = 1
+            os._exit(code)
+        os.close(done_w)
+        started.append((pid, done_r))
+    if len(started) < workers:  # a worker that could not start leaves its modules undone: stop the others
+        handle = GramPrefetch(dirs, plan, memory, started, settings)
+        handle.close()
+        return None
+    return GramPrefetch(dirs, plan, memory, started, settings)
 
 
 def _die_with_parent(parent: int) -> None:

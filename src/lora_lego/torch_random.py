@@ -8,6 +8,7 @@ so seeded noise can be reproduced without loading torch.
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 
@@ -70,3 +71,9 @@ def torch_rand_float64(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     u = _mt19937_uint32(seed, 2 * n).astype(np.uint64)
     bits = ((u[0::2] & np.uint64(0x1FFFFF)) << np.uint64(32)) | u[1::2]
     return (bits.astype(np.float64) * 2.0**-53).reshape(shape)
+
+
+def module_seed(seed: int, name: str) -> int:
+    """A per-module seed that depends on the module's name, not its position, so that adding or removing
+    other modules does not change this module's result (the merge seeds each module's generator with it)."""
+    return (int(seed) * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63 - 1)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..adapter import Factors
-from ..lego_core import (LEGO_CANONICALIZATIONS, OUTPUT_REWEIGHTS, PARAM_REWEIGHTS, UNIT_SPLITS, GramPool, PoolJob,  # noqa: F401
+from ..lego_core import (LEGO_CANONICALIZATIONS, LEGO_DEFAULTS, OUTPUT_REWEIGHTS, PARAM_REWEIGHTS, UNIT_SPLITS, GramPool, PoolJob,  # noqa: F401
                          centroid_products, direction_scales, lego_coefficients, lego_pool, member_rescale, norm_rule,
                          norm_target, output_factor, per_unit, update_norm_sq)
 from ..lowrank import output_rank
@@ -117,23 +117,23 @@ register(MergeMethod(
     prepare_takes_grams=True,
     finish=form_centroids,
     options=(
-        Option("param_reweight", str, "joint", "rescale each centroid to the mean norm of its members: as one "
+        Option("param_reweight", str, LEGO_DEFAULTS["param_reweight"], "rescale each centroid to the mean norm of its members: as one "
                "vector (joint), each half separately (halves); give its update the summed update norm of its members (sum); "
                "or not at all (none)",
                PARAM_REWEIGHTS),
-        Option("output_reweight", str, "norm_geo", "multiply the merged update by sqrt(r/k) (sqrt), r/k (linear) "
+        Option("output_reweight", str, LEGO_DEFAULTS["output_reweight"], "multiply the merged update by sqrt(r/k) (sqrt), r/k (linear) "
                "or 1 (none), r = mean input rank of the module, k = clusters formed; or scale it to the "
                "Frobenius norm of the inputs' weighted mean (norm_mean), of their sum (norm_sum), or to the "
                "root mean square of the inputs' own norms (norm_rms), to rms² / ||mean|| (norm_gain: rms for "
                "identical inputs, up to rms·sqrt(N) for orthogonal ones), or to sqrt(rms · norm_gain) (norm_geo)",
                OUTPUT_REWEIGHTS),
-        Option("unit_split", str, "b", "where scale and weight go in a unit: all on b (b), or the square "
+        Option("unit_split", str, LEGO_DEFAULTS["unit_split"], "where scale and weight go in a unit: all on b (b), or the square "
                "root on each half with the sign on b (sqrt)", UNIT_SPLITS),
-        Option("canonicalize", str, "direction", "before clustering: none; sign (a unit and its negation "
+        Option("canonicalize", str, LEGO_DEFAULTS["canonicalize"], "before clustering: none; sign (a unit and its negation "
                "coincide); balance (sign, then |a| = |b|); direction (balance, then cluster unit-length "
                "directions, lengths restored by param_reweight)", LEGO_CANONICALIZATIONS),
-        Option("n_init", int, 10, "k-means restarts; the lowest inertia is kept"),
-        Option("max_iter", int, 100, "k-means iterations per restart at most"),
+        Option("n_init", int, LEGO_DEFAULTS["n_init"], "k-means restarts; the lowest inertia is kept"),
+        Option("max_iter", int, LEGO_DEFAULTS["max_iter"], "k-means iterations per restart at most"),
     ),
     default_weight="one",
     description="Every rank unit [a_i; b_i] of every input is pooled; k-means (k-means++ init, restarts) "
