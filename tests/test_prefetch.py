@@ -199,7 +199,10 @@ def test_cli_errors_are_unchanged_with_a_prefetch_running(tmp_path):
     bad = write_peft(tmp_path / "bad", random_modules(4, 5), r=4, alpha=8.0)
     data = (bad / "adapter_model.safetensors").read_bytes()
     (bad / "adapter_model.safetensors").write_bytes(data[:-7])  # truncated: the child's plan still reads
-    for args, message in (([*dirs, "--rank", "0"], "--rank must be"), ([*dirs, bad], "truncated")):
+    inf = write_peft(tmp_path / "inf", {n: (A, B.clone().index_fill_(1, torch.tensor([1]), float("inf")))
+                                        for n, (A, B) in random_modules(4, 6).items()}, r=4, alpha=8.0, dtype=torch.float16)
+    for args, message in (([*dirs, "--rank", "0"], "--rank must be"), ([*dirs, bad], "truncated"),
+                          ([dirs[0], inf, "--rank", "3"], "lora_B contains Inf")):
         stderr = {}
         for label, env in (("on", {}), ("off", {"LORA_LEGO_PREFETCH": "0"})):
             proc = run_cli("merge", *args, "-o", tmp_path / "m", **env)

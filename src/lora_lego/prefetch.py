@@ -169,35 +169,39 @@ def plan_modules(dirs: Sequence[str], budget: int = BUDGET_BYTES, settings: Sett
     return plan
 
 
-def _to_float32(raw: np.ndarray, dtype: str, out: np.ndarray, work: np.ndarray, scale: float = 1.0) -> None:
+def _to_float32(raw: np.ndarray, dtype: str, out: np.ndarray, work: np.ndarray, scale: float = 1.0) -> bool:
     """``raw`` (the file's bytes) as float32 into ``out``, times the float32 ``scale`` with one rounding:
     the value float32(x) * float32(scale) that converting and then multiplying gives (every F16 and BF16
-    value is a float32), in one pass less. numpy's own float16 cast is ~14x slower than torch's on x86; the
-    bit pattern is rebuilt instead: F16's exponent and mantissa shifted into float32's place, with the sign
-    bit, read as a float32 that is 2^-112 times the value (exact, subnormals included), times 2^112 * scale
-    (exact while finite: a power of two times a float32), so the product is rounded once."""
+    value is a float32), in one pass less. False where an F16 value is Inf or NaN (they are not converted
+    as such; F32 and BF16 keep theirs, which the Grams' diagonals then show).
+
+    numpy's own float16 cast is ~14x slower than torch's on x86; the bit pattern is rebuilt instead: the
+    F16 bits sign-extended to 32 and shifted left by 13 put the exponent and mantissa in float32's place
+    and copies of the sign in bits 28-31, of which the mask keeps bit 31: a float32 that is 2^-112 times
+    the value (exact, subnormals included), times 2^112 * scale (exact while finite: a power of two times
+    a float32), so the product is rounded once."""
     factor = np.float32(scale)
     if dtype == "F32":
         np.multiply(raw.view(np.float32).reshape(out.shape), factor, out=out)
-        return
-    half = raw.view(np.uint16).reshape(out.shape)
-    bits = work[:half.size].reshape(out.shape)
+        return True
     if dtype == "BF16":
-        np.left_shift(half, 16, out=bits, dtype=np.uint32)
+        bits = work[:out.size].reshape(out.shape)
+        np.left_shift(raw.view(np.uint16).reshape(out.shape), 16, out=bits, dtype=np.uint32)
         np.multiply(bits.view(np.float32), factor, out=out)
-        return
-    np.bitwise_and(half, 0x7FFF, out=bits, dtype=np.uint32)
-    np.left_shift(bits, 13, out=bits)
-    sign = np.bitwise_and(half, 0x8000).astype(np.uint32)
-    np.left_shift(sign, 16, out=sign)
-    np.bitwise_or(bits, sign, out=bits)
+        return True
+    bits = work[:out.size].view(np.int32).reshape(out.shape)
+    np.left_shift(raw.view(np.int16).reshape(out.shape), 13, out=bits, dtype=np.int32)
+    np.bitwise_and(bits, np.int32(0x8FFFFFFF - 2**32), out=bits)
+    small = bits.view(np.float32)
+    finite = bool(small.max() < 2.0 ** -96 and small.min() > -(2.0 ** -96))  # F16 exponent 31: Inf or NaN
     with np.errstate(over="ignore"):
         folded = factor * np.float32(2.0 ** 112)
     if np.isfinite(folded):
-        np.multiply(bits.view(np.float32), folded, out=out)
+        np.multiply(small, folded, out=out)
     else:  # a scale of 2^16 or more: in two steps
-        np.multiply(bits.view(np.float32), np.float32(2.0 ** 112), out=out)
+        np.multiply(small, np.float32(2.0 ** 112), out=out)
         np.multiply(out, factor, out=out)
+    return finite
 
 
 def _conversion_exact() -> bool:
@@ -248,13 +252,13 @@ def compute(dirs: Sequence[str], plan: Sequence[PlannedModule], results: np.ndar
             P = m.pool
             A = stacks[i][0][:P * m.d_in].reshape(P, m.d_in)
             B = stacks[i][1][:m.d_out * P].reshape(m.d_out, P)
-            row = 0
+            row, finite = 0, True
             for fd, r, scale, (off_a, dt_a), (off_b, dt_b) in zip(fds, m.ranks, m.scales, m.a, m.b):
                 for offset, dtype, out, factor in ((off_a, dt_a, A[row:row + r], 1.0), (off_b, dt_b, B[:, row:row + r], scale)):
                     n = out.size * (4 if dtype == "F32" else 2)
                     if os.preadv(fd, [raw[:n]], offset) != n:
                         raise OSError("short read")
-                    _to_float32(raw[:n], dtype, out, work, factor)
+                    finite &= _to_float32(raw[:n], dtype, out, work, factor)
                 row += r
             if settings is None:
                 ga, gb, sign = m.gram_views(results)
@@ -264,7 +268,7 @@ def compute(dirs: Sequence[str], plan: Sequence[PlannedModule], results: np.ndar
             ga[...] = A @ A.T
             gb[...] = x @ x.T
             sign[...] = sign_of_largest(A)
-            factors.append((A, B, ga, gb, sign))
+            factors.append((A, B, ga, gb, sign, finite))
         if settings is not None:
             _merge_batch(batch, factors, results, settings)
         if done_fd is not None:
@@ -274,17 +278,18 @@ def compute(dirs: Sequence[str], plan: Sequence[PlannedModule], results: np.ndar
 def _merge_batch(batch: Sequence[PlannedModule], factors: Sequence[tuple[np.ndarray, ...]], results: np.ndarray,
                  settings: Settings) -> None:
     """lego's merged factors of the modules in ``batch`` from their stacked factors, Grams and signs (A, B, G_A,
-    G_B, sign), written into their slots. A module with a value that is not finite or beyond MAX_ABS (times
-    the largest weight) is left to the merge, which refuses it with the error that names the file: such a
-    value makes the diagonal of a Gram matrix (each row's or column's sum of squares) NaN, infinite or larger
-    than MAX_ABS² (a conservative test: a module it rejects is merged by the merge as usual)."""
+    G_B, sign, whether every F16 value read was finite), written into their slots. A module with a value
+    that is not finite or beyond MAX_ABS (times the largest weight) is left to the merge, which refuses it
+    with the error that names the file: such a value makes the diagonal of a Gram matrix (each row's or
+    column's sum of squares) NaN, infinite or larger than MAX_ABS² (a conservative test: a module it
+    rejects is merged by the merge as usual)."""
     options = dict(settings.options)
     bound = (MAX_ABS / max([1.0] + [abs(w) for w in settings.weights])) ** 2
     jobs, kept = [], []
-    for m, (A, B, ga, gb, sign) in zip(batch, factors):
+    for m, (A, B, ga, gb, sign, finite) in zip(batch, factors):
         m.merged_views(results)[0][0] = 0.0
         peak = max(float(np.diagonal(ga).max()), float(np.diagonal(gb).max()))
-        if not peak <= bound:  # NaN compares false
+        if not (finite and peak <= bound):  # NaN compares false
             continue
         pool = lego_pool(ga, gb, sign, m.ranks, m.scales, settings.weights, options["unit_split"], options["canonicalize"])
         seed = module_seed(settings.seed, m.name)
@@ -355,8 +360,8 @@ class GramPrefetch:
 
     def take_merged(self, name: str, ranks: Sequence[int], d_in: int, d_out: int, scales: Sequence[float]
                     ) -> tuple[np.ndarray, np.ndarray] | None:
-        """lego's merged factors (A', B') of ``name`` as float32 copies (``accept`` must have been called), or
-        None where the workers did not form them (the Grams may still be there: ``take``)."""
+        """lego's merged factors (A', B') of ``name``, float32 views of the shared memory (``accept`` must have
+        been called), or None where the workers did not form them."""
         m = self._ready(name, ranks, d_in, d_out, scales) if self.use_merged else None
         if m is None:
             return None
@@ -365,10 +370,10 @@ class GramPrefetch:
         formed = int(m.merged_views(self._results)[0][0])
         if formed < 1:
             return None
-        out = tuple(view.copy() for view in m.merged_views(self._results, formed)[1])
-        self._release(m)
         self.merged_taken += 1
-        return out
+        # views, not copies (150 MB for the 8 x Llama-7B set, page faults and all, on the merge's critical
+        # path): the slot stays until the last view is gone, also after ``close``
+        return m.merged_views(self._results, formed)[1]
 
     def take(self, name: str, ranks: Sequence[int], d_in: int, d_out: int, scales: Sequence[float]
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -407,7 +412,10 @@ class GramPrefetch:
         if self._workers:
             self._workers = []
             del self._results
-            self._memory.close()
+            try:
+                self._memory.close()
+            except BufferError:  # merged factors taken are still in use: unmapped with the last of them
+                pass
         if ACTIVE is self:
             ACTIVE = None
 
