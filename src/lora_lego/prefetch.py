@@ -47,7 +47,8 @@ from .torch_random import module_seed, torch_rand_float64
 # 16 x (d_in + d_out) float32); each slot is given back as soon as the merge has taken it.
 BUDGET_BYTES = 384 * 2**20
 WORKERS = 2
-BATCH = 8  # modules of equal pool size clustered in one k-means call (its cost is mostly fixed)
+BATCH = 8  # modules of equal pool size clustered in one k-means call (its cost is mostly fixed), at most
+BATCH_BYTES = 128 * 2**20  # and no more than this many bytes of a worker's stacked float32 factors
 _READ_DTYPES = ("F16", "BF16", "F32")
 _PAGE_ITEMS = mmap.PAGESIZE // 8
 
@@ -237,14 +238,15 @@ def compute(dirs: Sequence[str], plan: Sequence[PlannedModule], results: np.ndar
     largest = max((m.pool * max(m.d_in, m.d_out) for m in mine), default=0)
     raw = np.empty(4 * largest, np.uint8)
     work = np.empty(largest, np.uint32)
-    stacks = [(np.empty(largest, np.float32), np.empty(largest, np.float32)) for _ in range(min(BATCH, len(mine)))]
+    batch_size = max(1, min(BATCH, len(mine), BATCH_BYTES // max(1, 8 * largest)))
+    stacks = [(np.empty(largest, np.float32), np.empty(largest, np.float32)) for _ in range(batch_size)]
     if settings is not None:  # the Grams stay here: the merge takes the merged factors
         pool = max((m.pool for m in mine), default=0)
         grams = [np.empty(2 * pool * pool + pool) for _ in stacks]
     start = 0
     while start < len(mine):
         batch = [mine[start]]
-        while start + len(batch) < len(mine) and len(batch) < BATCH and mine[start + len(batch)].pool == batch[0].pool:
+        while start + len(batch) < len(mine) and len(batch) < batch_size and mine[start + len(batch)].pool == batch[0].pool:
             batch.append(mine[start + len(batch)])
         start += len(batch)
         factors = []

@@ -51,8 +51,8 @@ class TensorSource:
                 raise LoraLegoError("is not a flat mapping of names to tensors", path=path)
             header = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
             return cls(path, header, state)
-        header = read_safetensors_header(path)
-        return cls(path, header, None, _safetensors_offsets(path))
+        header, offsets = _parse_safetensors_header(path)
+        return cls(path, header, None, offsets)
 
     def keys(self) -> list[str]:
         return list(self._header)
@@ -114,6 +114,11 @@ class TensorSource:
 
 def read_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Parse and validate a safetensors header: every tensor's byte range must lie inside the file."""
+    return _parse_safetensors_header(path)[0]
+
+
+def _parse_safetensors_header(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], dict[str, tuple[int, int]]]:
+    """``read_safetensors_header``, and where each tensor's bytes lie in the file: (offset, length)."""
     import json
     import struct
 
@@ -136,6 +141,7 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torc
         raise LoraLegoError("is not a valid safetensors file (header is not an object)", path=path)
     data_size = size - 8 - n
     out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    offsets: dict[str, tuple[int, int]] = {}
     ranges: list[tuple[int, int]] = []
     for key, info in header.items():
         if key == "__metadata__":
@@ -154,22 +160,10 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torc
         if not 0 <= start <= end <= data_size or end - start != numel * _itemsize(dtype):
             raise LoraLegoError(f"is truncated or corrupt (tensor {key} lies outside the file's data)", path=path)
         out[key] = (shape, dtype)
+        offsets[key] = (8 + n + start, end - start)
         ranges.append((start, end))
     _check_layout(ranges, data_size, path)
-    return out
-
-
-def _safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
-    """Where each tensor's bytes lie in the file: (offset, length). Only after read_safetensors_header
-    has validated the header."""
-    import json
-    import struct
-
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n).decode("utf-8"))
-    return {key: (8 + n + info["data_offsets"][0], info["data_offsets"][1] - info["data_offsets"][0])
-            for key, info in header.items() if key != "__metadata__"}
+    return out, offsets
 
 
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
