@@ -90,7 +90,7 @@ def test_child_grams_are_bit_identical_to_stacked_grams(tmp_path):
     assert [m.name for m in plan] == list(SHAPES)
     assert plan[2].ranks == (4, 4, 6)
     results = np.zeros(plan[-1].slot + plan[-1].items)
-    prefetch.compute([str(d) for d in dirs], plan, results)
+    prefetch.compute([str(d) for d in dirs], plan, results)  # every batch, Grams only
     adapters = [load_adapter(d) for d in dirs]
     for m in plan:
         factors = [a.factors(m.name) for a in adapters]
@@ -149,11 +149,11 @@ def test_a_merge_with_the_prefetch_writes_the_same(tmp_path, case):
                                       2 if case == "other inputs" else 3)
     handle = prefetch.start(dirs[:2] if case == "other inputs" else dirs, settings=settings)
     if case == "dead worker":
-        os.kill(handle._workers[0][0], 9)
+        os.kill(handle._pids[0], 9)
     if case in ("used", "other settings"):
         assert handle.wait() == len(SHAPES)
     result = merge(adapters, rank=5, seed=3, gram_prefetch=handle)
-    assert handle._workers == []  # the workers stopped and reaped when the merge ended
+    assert handle._pids == []  # the workers stopped and reaped when the merge ended
     used = {"used": (len(SHAPES), 0), "other settings": (0, 0), "other inputs": (0, 0)}
     assert (handle.merged_taken, handle.taken) == used.get(case, (handle.merged_taken, handle.taken))
     for name in SHAPES:

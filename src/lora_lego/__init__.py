@@ -30,6 +30,9 @@ from .merge import merge, prune  # noqa: E402
 from .integrations.peft import merge_peft_adapters  # noqa: E402
 from .methods import METHODS  # noqa: E402
 
+if _prefetch.ACTIVE is not None:
+    _prefetch.ACTIVE.go()  # torch is imported: the waiting prefetch workers may start
+
 __all__ = [
     "Adapter", "Factors", "ModuleSpec", "LoraLegoError", "METHODS",
     "load_adapter", "save_adapter", "convert", "merge", "prune", "merge_peft_adapters", "__version__",

@@ -49,6 +49,7 @@ BUDGET_BYTES = 384 * 2**20
 WORKERS = 2
 BATCH = 8  # modules of equal pool size clustered in one k-means call (its cost is mostly fixed), at most
 BATCH_BYTES = 128 * 2**20  # and no more than this many bytes of a worker's stacked float32 factors
+MAX_BATCHES = 4096  # batch numbers (4 bytes each) written into the workers' pipe before they start
 _READ_DTYPES = ("F16", "BF16", "F32")
 _PAGE_ITEMS = mmap.PAGESIZE // 8
 
@@ -225,30 +226,50 @@ def sign_of_largest(A: np.ndarray) -> np.ndarray:
     return sign
 
 
-def compute(dirs: Sequence[str], plan: Sequence[PlannedModule], results: np.ndarray, done_fd: int | None = None,
-            worker: int = 0, workers: int = 1, settings: Settings | None = None) -> None:
-    """For the planned modules of this worker (every ``workers``-th from ``worker``), in order: read every
-    input's factors into the stacked float32 A (P x d_in) and B (d_out x P, input j's scale multiplied in
-    float32), as the merge's reader does, and write G_A, G_B (float64 of the float32 products) and the row
-    signs of A into ``results`` at the module's slot; with ``settings``, then lego's merged factors of
-    ``BATCH`` modules at a time (``lego_core``, as methods/lego.py runs it). One byte on ``done_fd`` per
-    module once its slot is complete."""
+def plan_batches(plan: Sequence[PlannedModule]) -> list[list[int]]:
+    """The planned modules (indices) in batches of consecutive ones of equal pool size, at most ``BATCH`` and
+    ``BATCH_BYTES`` of stacked factors each: the units of work the workers take in turn."""
+    largest = max((m.pool * max(m.d_in, m.d_out) for m in plan), default=0)
+    size = max(1, min(BATCH, BATCH_BYTES // max(1, 8 * largest)))
+    batches: list[list[int]] = []
+    for i, m in enumerate(plan):
+        if batches and len(batches[-1]) < size and plan[batches[-1][0]].pool == m.pool:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def compute(dirs: Sequence[str], plan: Sequence[PlannedModule], results: np.ndarray, settings: Settings | None = None,
+            work_fd: int | None = None, done_fd: int | None = None, go_fd: int | None = None) -> None:
+    """For each batch of ``plan_batches(plan)`` this worker takes (a 4-byte batch number read from ``work_fd``,
+    shared with the other workers, until it is empty; every batch without one), after one byte or EOF on
+    ``go_fd`` if given: read every input's factors into the stacked float32 A (P x d_in) and B (d_out x P,
+    input j's scale multiplied in float32), as the merge's reader does, and compute G_A, G_B (float64 of
+    the float32 products) and the row signs of A; without ``settings`` write them into ``results`` at the
+    module's slot, with them lego's merged factors (``lego_core``, as methods/lego.py runs it). The batch
+    number on ``done_fd`` once its slots are complete."""
+    if go_fd is not None:
+        os.read(go_fd, 1)
     fds = [os.open(os.path.join(d, SAFETENSORS_NAME), os.O_RDONLY) for d in dirs]
-    mine = list(plan[worker::workers])
-    largest = max((m.pool * max(m.d_in, m.d_out) for m in mine), default=0)
+    batches = plan_batches(plan)
+    largest = max((m.pool * max(m.d_in, m.d_out) for m in plan), default=0)
     raw = np.empty(4 * largest, np.uint8)
     work = np.empty(largest, np.uint32)
-    batch_size = max(1, min(BATCH, len(mine), BATCH_BYTES // max(1, 8 * largest)))
-    stacks = [(np.empty(largest, np.float32), np.empty(largest, np.float32)) for _ in range(batch_size)]
+    stacks = [(np.empty(largest, np.float32), np.empty(largest, np.float32)) for _ in range(max(map(len, batches), default=0))]
     if settings is not None:  # the Grams stay here: the merge takes the merged factors
-        pool = max((m.pool for m in mine), default=0)
+        pool = max((m.pool for m in plan), default=0)
         grams = [np.empty(2 * pool * pool + pool) for _ in stacks]
-    start = 0
-    while start < len(mine):
-        batch = [mine[start]]
-        while start + len(batch) < len(mine) and len(batch) < batch_size and mine[start + len(batch)].pool == batch[0].pool:
-            batch.append(mine[start + len(batch)])
-        start += len(batch)
+    order = iter(range(len(batches)))
+    while True:
+        if work_fd is None:
+            number = next(order, None)
+        else:
+            token = os.read(work_fd, 4)
+            number = struct.unpack("<I", token)[0] if len(token) == 4 else None
+        if number is None:
+            break
+        batch = [plan[i] for i in batches[number]]
         factors = []
         for i, m in enumerate(batch):
             P = m.pool
@@ -274,7 +295,7 @@ def compute(dirs: Sequence[str], plan: Sequence[PlannedModule], results: np.ndar
         if settings is not None:
             _merge_batch(batch, factors, results, settings)
         if done_fd is not None:
-            os.write(done_fd, b"\x01" * len(batch))
+            os.write(done_fd, struct.pack("<I", number))
 
 
 def _merge_batch(batch: Sequence[PlannedModule], factors: Sequence[tuple[np.ndarray, ...]], results: np.ndarray,
@@ -311,17 +332,31 @@ class GramPrefetch:
     """The parent's side: which inputs and modules were planned, with which settings, and the results as the
     workers finish them."""
 
-    def __init__(self, dirs: list[str], plan: list[PlannedModule], memory: mmap.mmap, workers: list[tuple[int, int]],
-                 settings: Settings | None = None):
+    def __init__(self, dirs: list[str], plan: list[PlannedModule], memory: mmap.mmap, pids: list[int], done_fd: int,
+                 go_fd: int | None = None, settings: Settings | None = None):
         self.dirs = dirs
         self.plan = {m.name: (i, m) for i, m in enumerate(plan)}
         self.settings = settings
         self.use_merged = False  # set by ``accept`` once the merge's settings are known to be the workers'
         self._memory = memory
         self._results = np.frombuffer(memory, dtype=np.float64)
-        self._workers = [[pid, fd, 0, False] for pid, fd in workers]  # pid, pipe, modules done, ended
+        self._batches = plan_batches(plan)
+        self._batch_of = {i: number for number, batch in enumerate(self._batches) for i in batch}
+        self._pids = pids
+        self._done_fd = done_fd
+        self._go_fd = go_fd
+        self._done: set[int] = set()  # batch numbers the workers completed
+        self._partial = b""
+        self._ended = False
         self.taken = 0
         self.merged_taken = 0
+
+    def go(self) -> None:
+        """Let the workers that wait for it start (the CLI calls this once torch is imported: until then
+        one worker shares the two cores with the import, whose time is all on the critical path)."""
+        if self._go_fd is not None:
+            os.close(self._go_fd)  # EOF: every worker waiting on it starts
+            self._go_fd = None
 
     def matches(self, paths: Sequence[str]) -> bool:
         """Whether the merge's inputs are the ones planned for, in the same order."""
@@ -336,21 +371,28 @@ class GramPrefetch:
 
     def _ready(self, name: str, ranks: Sequence[int], d_in: int, d_out: int, scales: Sequence[float]
                ) -> PlannedModule | None:
-        """The planned module ``name`` once its worker has written it (waiting for that); None where it was
-        not planned, what the merge read differs from the plan, or the worker stopped before it."""
+        """The planned module ``name`` once a worker has written it (waiting for that); None where it was not
+        planned, what the merge read differs from the plan, or the workers stopped before it."""
         entry = self.plan.get(name)
-        if entry is None or not self._workers:
+        if entry is None or not self._pids:
             return None
         index, m = entry
         if (list(m.ranks), m.d_in, m.d_out, list(m.scales)) != (list(ranks), d_in, d_out, list(scales)):
             return None
-        worker = self._workers[index % len(self._workers)]
-        position = index // len(self._workers)
-        while worker[2] <= position and not worker[3] and worker[0]:
-            got = os.read(worker[1], 65536)
-            worker[2] += len(got)
-            worker[3] = not got  # the worker exited (finished, gave up or was killed)
-        return m if worker[2] > position else None
+        number = self._batch_of[index]
+        self.go()
+        while number not in self._done and not self._ended:
+            self._read_done()
+        return m if number in self._done else None
+
+    def _read_done(self) -> None:
+        """Read the batch numbers the workers reported (4 bytes each; EOF once every worker has exited)."""
+        got = os.read(self._done_fd, 65536)
+        self._ended = not got
+        data = self._partial + got
+        whole = len(data) - len(data) % 4
+        self._done.update(struct.unpack(f"<{whole // 4}I", data[:whole]))
+        self._partial = data[whole:]
 
     def _release(self, m: PlannedModule) -> None:
         """Give the slot's memory back (both processes'): each slot is read once."""
@@ -391,17 +433,19 @@ class GramPrefetch:
 
     def wait(self) -> int:
         """Wait for the workers to finish; how many modules they completed."""
-        for m in self.plan.values():
-            self._ready(m[1].name, m[1].ranks, m[1].d_in, m[1].d_out, m[1].scales)
-        return sum(w[2] for w in self._workers)
+        self.go()
+        while self._pids and len(self._done) < len(self._batches) and not self._ended:
+            self._read_done()
+        return sum(len(self._batches[number]) for number in self._done)
 
     def close(self) -> None:
         """Stop the workers that still run and free everything (idempotent)."""
         global ACTIVE
-        if self._workers and os.environ.get("LORA_LEGO_PREFETCH_STATS"):  # a diagnostic for benchmarks and tests
-            print(f"lora-lego prefetch: {len(self.plan)} modules planned, {sum(w[2] for w in self._workers)} computed, "
+        if self._pids and os.environ.get("LORA_LEGO_PREFETCH_STATS"):  # a diagnostic for benchmarks and tests
+            print(f"lora-lego prefetch: {len(self.plan)} modules planned, "
+                  f"{sum(len(self._batches[number]) for number in self._done)} computed, "
                   f"{self.merged_taken} merged and {self.taken} Grams used", file=sys.stderr)
-        for pid, fd, _, _ in self._workers:
+        for pid in self._pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -410,9 +454,10 @@ class GramPrefetch:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
-            os.close(fd)
-        if self._workers:
-            self._workers = []
+        if self._pids:
+            self._pids = []
+            self.go()
+            os.close(self._done_fd)
             del self._results
             try:
                 self._memory.close()
@@ -552,43 +597,47 @@ def start(dirs: Sequence[str], budget: int = BUDGET_BYTES, settings: Settings | 
         return None
     if not plan or not _conversion_exact():
         return None
+    batches = plan_batches(plan)
+    if len(batches) > MAX_BATCHES:  # their numbers must fit in the pipe at once
+        plan = plan[:batches[MAX_BATCHES][0]]
+        batches = batches[:MAX_BATCHES]
     parent = os.getpid()
     try:
         memory = mmap.mmap(-1, 8 * (plan[-1].slot + plan[-1].items))
+        work_r, work_w = os.pipe()
+        os.write(work_w, struct.pack(f"<{len(batches)}I", *range(len(batches))))
+        os.close(work_w)
+        done_r, done_w = os.pipe()
+        go_r, go_w = os.pipe()
     except OSError:
         return None
-    started: list[tuple[int, int]] = []
-    workers = max(1, min(workers, len(plan)))
-    for worker in range(workers):
-        try:
-            done_r, done_w = os.pipe()
-        except OSError:
-            break
+    pids: list[int] = []
+    for worker in range(max(1, min(workers, len(batches)))):
         try:
             pid = os.fork()
-        except OSError:  # no more processes or memory: fewer workers, or the merge works as without
-            os.close(done_r)
-            os.close(done_w)
+        except OSError:  # no more processes or memory: fewer workers (the batches are shared), or none
             break
         if pid == 0:  # a worker: compute, never return into the caller's code
             code = 0
             try:
-                os.close(done_r)
-                for _, fd in started:
+                for fd in (done_r, go_w):
                     os.close(fd)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
                 _die_with_parent(parent)
-                compute(dirs, plan, np.frombuffer(memory, dtype=np.float64), done_w, worker, workers, settings)
+                compute(dirs, plan, np.frombuffer(memory, dtype=np.float64), settings, work_r, done_w,
+                        go_r if worker else None)
             except BaseException:
                 code = 1
             os._exit(code)
-        os.close(done_w)
-        started.append((pid, done_r))
-    if len(started) < workers:  # a worker that could not start leaves its modules undone: stop the others
-        handle = GramPrefetch(dirs, plan, memory, started, settings)
-        handle.close()
+        pids.append(pid)
+    for fd in (work_r, done_w, go_r):
+        os.close(fd)
+    if not pids:
+        for fd in (done_r, go_w):
+            os.close(fd)
+        memory.close()
         return None
-    return GramPrefetch(dirs, plan, memory, started, settings)
+    return GramPrefetch(dirs, plan, memory, pids, done_r, go_w, settings)
 
 
 def _die_with_parent(parent: int) -> None:
