@@ -168,6 +168,7 @@ def test_settings_are_read_from_the_command_line_or_not_at_all(tmp_path):
     got = read(["merge", "a", "--weights", "0.5", "-2", "b", "--rank=8", "--seed", "7", "--n-init", "3"], 2)
     assert (got.rank, got.weights, got.seed, dict(got.options)["n_init"]) == (8, (0.5, -2.0), 7, 3)
     assert read(["prune", "a", "--rank", "2", "--canonicalize", "sign"], 1).options != defaults
+    assert read(["merge", "a", "--weights=2", "b"], 1).weights == (2.0,)
     for bad in (["merge", "a", "b", "--rank"], ["merge", "a", "b", "--rank", "x"], ["merge", "a", "b", "--weights", "1"],
                 ["merge", "a", "b", "--canonicalize", "nope"], ["merge", "a", "b", "--rank", "0"]):
         assert read(bad, 2) is None, bad

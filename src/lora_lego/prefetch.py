@@ -518,7 +518,7 @@ def lego_settings(args: Sequence[str], inputs: int) -> Settings | None:
             i += 1
             if key == "--weights":
                 weights = [float(value)] if eq else []
-                while i < len(args) and _is_number(args[i]):
+                while not eq and i < len(args) and _is_number(args[i]):  # argparse: --weights=W takes one
                     weights.append(float(args[i]))
                     i += 1
             elif key in flags:
