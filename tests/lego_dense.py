@@ -12,7 +12,7 @@ import torch
 from lora_lego.adapter import Factors
 from lora_lego.kmeans import kmeans
 from lora_lego.methods import get_method
-from lora_lego.methods.lego import PARAM_REWEIGHTS, norm_rule, output_factor
+from lora_lego.lego_core import PARAM_REWEIGHTS, norm_rule, output_factor
 from lora_lego.msu import factors_from_units, pool_units
 
 

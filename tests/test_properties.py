@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from lora_lego import load_adapter, merge, save_adapter
 from lora_lego.adapter import Adapter, Factors
 from lora_lego.methods.concat import concat_factors
-from lora_lego.methods.lego import OUTPUT_REWEIGHTS, PARAM_REWEIGHTS, lego, output_factor, target_norm
+from lora_lego.lego_core import OUTPUT_REWEIGHTS, PARAM_REWEIGHTS, output_factor
+from lora_lego.methods.lego import lego, target_norm
 from lora_lego.msu import CANONICALIZATIONS, UNIT_SPLITS, factors_from_units, pool_units
 
 PROPS = settings(max_examples=40, deadline=timedelta(seconds=20))

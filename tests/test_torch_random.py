@@ -1,6 +1,5 @@
 """Bit-exact agreement of the torch-free ``torch_rand_float64`` with ``torch.rand`` (CPU, float64)."""
 
-import importlib.util
 import os
 import random
 import subprocess

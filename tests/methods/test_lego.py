@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lora_lego.adapter import Factors
-from lora_lego.methods.lego import member_rescale, lego, output_factor
+from lora_lego.lego_core import member_rescale, output_factor
+from lora_lego.methods.lego import lego
 from lora_lego.msu import gram_pool
 
 
@@ -112,7 +113,8 @@ def test_negative_weight_flips_the_update():
 
 # -- variants beyond the paper: norm-matched output, summed magnitudes, clustering directions -----------
 
-from lora_lego.methods.lego import target_norm, update_norm_sq  # noqa: E402
+from lora_lego.lego_core import update_norm_sq  # noqa: E402
+from lora_lego.methods.lego import target_norm  # noqa: E402
 
 
 def test_update_norm_from_grams_is_the_frobenius_norm_of_the_combined_factors():

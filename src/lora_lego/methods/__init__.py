@@ -16,7 +16,7 @@ step as ``finish`` (see ``MergeMethod``), which the driver runs in the reader th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..adapter import Factors

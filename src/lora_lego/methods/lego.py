@@ -9,9 +9,8 @@ import numpy as np
 import torch
 
 from ..adapter import Factors
-from ..lego_core import (LEGO_CANONICALIZATIONS, LEGO_DEFAULTS, OUTPUT_REWEIGHTS, PARAM_REWEIGHTS, UNIT_SPLITS, GramPool, PoolJob,  # noqa: F401
-                         centroid_products, direction_scales, lego_coefficients, lego_pool, member_rescale, norm_rule,
-                         norm_target, output_factor, per_unit, update_norm_sq)
+from ..lego_core import (LEGO_CANONICALIZATIONS, LEGO_DEFAULTS, OUTPUT_REWEIGHTS, PARAM_REWEIGHTS, UNIT_SPLITS, GramPool,
+                         PoolJob, centroid_products, lego_coefficients, lego_pool, norm_target, per_unit)
 from ..lowrank import output_rank
 from ..msu import StackedGrams, sign_of_largest, stacked_grams
 from . import MergeMethod, ModuleJob, Option, register
