@@ -195,6 +195,23 @@ def test_cli_merge_and_prune_use_the_prefetch_and_write_the_same_bytes(tmp_path)
 
 
 @linux_only
+@pytest.mark.parametrize("extra", [["--rank", "20"], ["--rank", "3", "--weights", "0.5", "0", "-1"],
+                                   ["--seed", "9", "--output-reweight", "sqrt"]])
+def test_cli_output_is_the_same_with_the_workers_for_more_settings(tmp_path, extra):
+    # rank 20 > the pool (14 units): every unit its own cluster; a zero and a negative weight; the default rank
+    dirs = _adapters(tmp_path, MIXED)
+    outs = {}
+    for label, env in (("on", {"LORA_LEGO_PREFETCH_STATS": "1"}), ("off", {"LORA_LEGO_PREFETCH": "0"})):
+        out = tmp_path / f"m-{label}"
+        proc = run_cli("merge", *dirs, "-o", out, "-q", *extra, **env)
+        assert proc.returncode == 0, proc.stderr
+        if label == "on":
+            assert "3 merged" in proc.stderr
+        outs[label] = (out / "adapter_model.safetensors").read_bytes()
+    assert outs["on"] == outs["off"]
+
+
+@linux_only
 def test_cli_errors_are_unchanged_with_a_prefetch_running(tmp_path):
     dirs = _adapters(tmp_path, MIXED[:2])
     bad = write_peft(tmp_path / "bad", random_modules(4, 5), r=4, alpha=8.0)
