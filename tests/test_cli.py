@@ -60,3 +60,18 @@ def test_existing_output_needs_force(tmp_path):
 def test_debug_shows_traceback(tmp_path):
     proc = run_cli("merge", tmp_path / "missing", "-o", tmp_path / "out", "--debug")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_the_command_ends_with_everything_it_printed_flushed(tmp_path):
+    # the command's process ends with os._exit (no interpreter teardown): what it printed to a pipe and its
+    # exit code must survive that, with Python's own buffering (not PYTHONUNBUFFERED)
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.run([sys.executable, "-m", "lora_lego.cli", "methods"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and "lego" in proc.stdout and "concat" in proc.stdout
+    a = random_adapter(tmp_path / "a", seed=0)
+    proc = run_cli("merge", a, a, "-o", tmp_path / "m", "--rank", "2")
+    assert proc.returncode == 0 and "merged 2 adapter(s) with lego" in proc.stderr
+    proc = run_cli("merge", a, "-o", tmp_path / "m2", "--rank", "0")
+    assert proc.returncode == 2 and "--rank must be" in proc.stderr

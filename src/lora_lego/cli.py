@@ -342,6 +342,32 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; ``argv`` None: this process is the command (sys.argv), which ends here."""
+    code = _main(argv)
+    if argv is None:
+        _end_process(code)
+    return code
+
+
+def _end_process(code: int) -> None:
+    """End the command's process without the interpreter's teardown of torch's modules and objects (~0.1 s
+    on this machine: `python -c "import torch"` with gc.freeze() 1.08-1.17 s, with os._exit 0.96-1.01 s):
+    the output is written, fsync'ed and renamed by now, and what atexit would do is done here."""
+    import os
+
+    from . import prefetch
+
+    if prefetch.ACTIVE is not None:
+        prefetch.ACTIVE.close()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can be said there
+            pass
+    os._exit(code)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     if argv is None:  # the command itself, not a caller in a longer-lived process
         # the imports' objects (torch's, thousands) are never garbage; set aside, they are not scanned again
