@@ -603,14 +603,20 @@ def start(dirs: Sequence[str], budget: int = BUDGET_BYTES, settings: Settings | 
         plan = plan[:batches[MAX_BATCHES][0]]
         batches = batches[:MAX_BATCHES]
     parent = os.getpid()
+    opened: list[int] = []
     try:
         memory = mmap.mmap(-1, 8 * (plan[-1].slot + plan[-1].items))
-        work_r, work_w = os.pipe()
-        os.write(work_w, struct.pack(f"<{len(batches)}I", *range(len(batches))))
+        for _ in range(3):
+            opened.extend(os.pipe())
+        work_r, work_w, done_r, done_w, go_r, go_w = opened
+        os.write(work_w, struct.pack(f"<{len(batches)}I", *range(len(batches))))  # 16 KB at most: fits the pipe
         os.close(work_w)
-        done_r, done_w = os.pipe()
-        go_r, go_w = os.pipe()
-    except OSError:
+    except OSError:  # out of memory or descriptors: the merge works as without
+        for fd in opened:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         return None
     pids: list[int] = []
     for worker in range(max(1, min(workers, len(batches)))):
