@@ -161,6 +161,22 @@ def test_a_merge_with_the_prefetch_writes_the_same(tmp_path, case):
         assert torch.equal(result.factors(name).B, plain.factors(name).B)
 
 
+@linux_only
+def test_modules_beyond_the_budget_are_merged_by_the_merge(tmp_path):
+    dirs = _adapters(tmp_path, MIXED)
+    adapters = [load_adapter(d) for d in dirs]
+    plain = merge(adapters, rank=5, seed=3)
+    settings = prefetch.lego_settings(["merge", "--rank", "5", "--seed", "3"], 3)
+    first = prefetch.plan_modules(dirs, settings=settings)[0]
+    handle = prefetch.start(dirs, budget=8 * first.items, settings=settings)
+    assert list(handle.plan) == [first.name]
+    result = merge(adapters, rank=5, seed=3, gram_prefetch=handle)
+    assert (handle.merged_taken, handle.taken) == (1, 0)
+    for name in SHAPES:
+        assert torch.equal(result.factors(name).A, plain.factors(name).A)
+        assert torch.equal(result.factors(name).B, plain.factors(name).B)
+
+
 def test_settings_are_read_from_the_command_line_or_not_at_all(tmp_path):
     defaults = tuple(sorted(prefetch.LEGO_DEFAULTS.items()))
     read = prefetch.lego_settings
