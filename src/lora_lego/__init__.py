@@ -16,8 +16,8 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # cores, benchmarks/speed/NOTES.md). torch's own threads are not affected.
 _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-# Where this process is the `lora-lego merge` command running lego, a child process starts computing the
-# inputs' Gram products now, while torch is imported below (~1 s); see prefetch.py. Torch-free.
+# Where this process is the `lora-lego merge` command running lego, a worker process starts computing the
+# merge now, while torch is imported below (~1 s); see prefetch.py. Torch-free.
 from . import prefetch as _prefetch  # noqa: E402
 
 _prefetch.start_for_cli()

@@ -4,8 +4,8 @@ Every step of k-means needs only inner products between points: a centre is a me
 |x_i - c_j|^2 = G_ii - 2 (w_j G)_i + w_j G w_jᵀ, with G = X Xᵀ (n x n) and w_j the row of membership
 weights (1/|cluster| on its members). With LoRA units n = N r is a few hundred whatever the data's width,
 so the clustering runs here, on n x n matrices, where small operations cost microseconds (a torch call
-costs tens, and a few hundred of them run per module). Torch-free: the CLI's prefetch child (prefetch.py)
-runs it before torch is imported; ``kmeans.py`` is the torch front end.
+costs tens, and a few hundred of them run per module). Torch-free: the CLI's prefetch workers (prefetch.py)
+run it before torch is imported; ``kmeans.py`` is the torch front end.
 
 Greedy k-means++ initialisation, several restarts keeping the lowest inertia, empty clusters re-seeded
 with the point farthest from its centre. Restarts run side by side as one batch, and ``cluster_grams``

@@ -6,7 +6,7 @@ multiplied by a number: the split's weight and scale, a sign, the balancing rati
 units, centroids or updates comes from the two P x P Grams G_A = A Aᵀ and G_B = Bᵀ B:
 <u_i, u_j> = sa_i sa_j G_A,ij + sb_i sb_j G_B,ij. Here lego goes from those Grams to the coefficients
 (Ca, Cb, k x P) of the merged factors A' = Ca A and B' = B Cbᵀ; the d-wide products on either side are
-the caller's (``methods/lego.py`` with torch on any device, or the CLI's prefetch child, prefetch.py,
+the caller's (``methods/lego.py`` with torch on any device, or the CLI's prefetch workers, prefetch.py,
 before torch is imported: this module imports neither torch nor anything that does).
 """
 
@@ -27,7 +27,7 @@ OUTPUT_REWEIGHTS = ("sqrt", "linear", "none", "norm_mean", "norm_rms", "norm_sum
 # "direction" is not a canonicalisation of the pool (it changes units' lengths): it clusters the
 # balanced units' directions, and the centroids then take their magnitude from param_reweight
 LEGO_CANONICALIZATIONS = CANONICALIZATIONS + ("direction",)
-# lego's options and their defaults (methods/lego.py documents them; the CLI's prefetch child needs them
+# lego's options and their defaults (methods/lego.py documents them; the CLI's prefetch workers need them
 # without importing torch)
 LEGO_DEFAULTS = {"param_reweight": "joint", "output_reweight": "norm_geo", "unit_split": "b",
                  "canonicalize": "direction", "n_init": 10, "max_iter": 100}

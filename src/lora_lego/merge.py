@@ -81,8 +81,9 @@ def merge(
     methods. ``weights``: one number per adapter (default: the method's, 1 each or 1/N). ``seed`` fixes
     every random choice: the same inputs and seed give bit-identical output on the same device.
     Method options (e.g. ``param_reweight="halves"``) are passed as keywords. ``gram_prefetch``: the CLI's
-    ``prefetch.ACTIVE``, Gram products computed ahead for these inputs (used where it matches them, bit
-    for bit what the merge computes itself; closed when the merge ends)."""
+    ``prefetch.ACTIVE``, lego's merged factors (or Gram products) computed ahead for these inputs and
+    settings (used where they match, bit for bit what the merge computes itself; closed when the merge
+    ends)."""
     try:
         return _merge(adapters, method, rank, weights, seed, device, progress, gram_prefetch, options)
     finally:
@@ -117,7 +118,7 @@ def _merge(adapters: Sequence[Adapter], method: str, rank: int | None, weights: 
     if gram_prefetch is not None and not (m.prepare_takes_grams and dev.type == "cpu"
                                           and all(a.format == "peft" and a.path is not None for a in adapters)
                                           and gram_prefetch.matches([str(a.path) for a in adapters])):
-        gram_prefetch.close()  # computed for something else: stop the child, use nothing of it
+        gram_prefetch.close()  # computed for something else: stop the workers, use nothing of theirs
         gram_prefetch = None
     if gram_prefetch is not None and not gram_prefetch.accept(rank, weights, seed, opts, m.name) \
             and gram_prefetch.settings is not None:
@@ -240,14 +241,16 @@ def _merge(adapters: Sequence[Adapter], method: str, rank: int | None, weights: 
         and run the method's ``prepare`` on them (in the helper thread)."""
         holders = holders_of[name]
         specs = [adapters[i].modules[name] for i in holders]
-        if gram_prefetch is not None and gram_prefetch.use_merged and dev.type == "cpu" and len(holders) == len(adapters) \
-                and len({(s.d_in, s.d_out) for s in specs}) == 1:
-            merged = gram_prefetch.take_merged(name, [s.rank for s in specs], specs[0].d_in, specs[0].d_out,
-                                               [s.scale for s in specs])
+        stackable = dev.type == "cpu" and len({(s.d_in, s.d_out) for s in specs}) == 1
+        # what the CLI's prefetch workers planned for (checked against the plan by take_merged / take)
+        ahead = gram_prefetch is not None and stackable and len(holders) == len(adapters)
+        planned = ([s.rank for s in specs], specs[0].d_in, specs[0].d_out, [s.scale for s in specs])
+        if ahead and gram_prefetch.use_merged:
+            merged = gram_prefetch.take_merged(name, *planned)
             if merged is not None:
                 return [], _Merged(Factors(*(torch.from_numpy(x) for x in merged)))
         stacked = None
-        if dev.type == "cpu" and len({(s.d_in, s.d_out) for s in specs}) == 1:
+        if stackable:
             # every input's factors converted straight into one stacked A (P x d_in) and B (d_out x P), which
             # stack_factors then takes as they are (lowrank.join): no per-input float32 copies to stack
             P = sum(s.rank for s in specs)
@@ -271,9 +274,8 @@ def _merge(adapters: Sequence[Adapter], method: str, rank: int | None, weights: 
             factors = [f.to(dev) for f in factors]
         if m.prepare is None:
             return factors, None
-        if gram_prefetch is not None and stacked is not None and len(holders) == len(adapters):
-            known = gram_prefetch.take(name, [s.rank for s in specs], specs[0].d_in, specs[0].d_out,
-                                       [s.scale for s in specs])
+        if ahead:
+            known = gram_prefetch.take(name, *planned)
             if known is not None:
                 return factors, m.prepare(factors, known=tuple(torch.from_numpy(x) for x in known))
         return factors, m.prepare(factors)

@@ -209,7 +209,7 @@ def _to_float32(raw: np.ndarray, dtype: str, out: np.ndarray, work: np.ndarray, 
 
 def _conversion_exact() -> bool:
     """F16 conversion against numpy's own on subnormals, normals, signed zeros and the extremes: false where
-    the CPU flushes subnormals (then the child does nothing)."""
+    the CPU flushes subnormals (then no worker starts)."""
     bits = np.array([0, 1, 2, 0x3FF, 0x400, 0x3C00, 0x7BFF, 0x8001, 0x8000, 0xBC00, 0x03FF, 0x0155], np.uint16)
     out = np.empty(bits.size, np.float32)
     _to_float32(bits.view(np.uint8), "F16", out, np.empty(bits.size, np.uint32))
@@ -408,9 +408,7 @@ class GramPrefetch:
         """lego's merged factors (A', B') of ``name``, float32 views of the shared memory (``accept`` must have
         been called), or None where the workers did not form them."""
         m = self._ready(name, ranks, d_in, d_out, scales) if self.use_merged else None
-        if m is None:
-            return None
-        if not m.k:
+        if m is None or not m.k:
             return None
         formed = int(m.merged_views(self._results)[0][0])
         if formed < 1:

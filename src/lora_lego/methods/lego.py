@@ -71,7 +71,7 @@ def lego_many(
 
 
 def _uniforms(generator: torch.Generator):
-    """The module's draws for k-means: from its own generator, float64 (the CLI's prefetch child draws the
+    """The module's draws for k-means: from its own generator, float64 (the CLI's prefetch workers draw the
     same numbers from the seed with torch_random, before torch is imported)."""
     return lambda shape: torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float64).cpu().numpy()
 
@@ -98,7 +98,7 @@ def form_centroids(c: Centroids) -> Factors:
 
 def centroid_factors(pool: GramPool, Ca: np.ndarray, Cb: np.ndarray) -> Factors:
     """The merged factors A' = Ca A (k x d_in) and B' = B Cbᵀ (d_out x k), from the raw stacked factors: on
-    the CPU with numpy's product, as the CLI's prefetch child forms them (lego_core.centroid_products)."""
+    the CPU with numpy's product, as the CLI's prefetch workers form them (lego_core.centroid_products)."""
     A, B = pool.A, pool.B
     if A.device.type == "cpu" and B.device.type == "cpu":
         a, b = centroid_products(Ca, Cb, A.numpy(), B.numpy())
